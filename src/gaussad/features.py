@@ -282,4 +282,4 @@ class FeatureStore:
         per_image = max(1, feats[0].nbytes)
         step = max(1, max_bytes // per_image)
         for start in range(0, len(feats), step):
-            yield torch.from_numpy(np.ascontiguousarray(feats[start : start + step]))
+            yield torch.from_numpy(np.array(feats[start : start + step]))  # a writable copy of the slice

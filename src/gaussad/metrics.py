@@ -1,0 +1,169 @@
+"""Anomaly detection metrics: image/pixel AUROC, AUPRO (MVTec AD protocol) and thresholds.
+
+Conventions:
+  * labels and masks are 1 (or True) for anomalous, 0 (or False) for normal;
+  * an item or pixel is predicted anomalous when ``score >= threshold``;
+  * a metric that is undefined for the data (e.g. only one class present) is ``None``,
+    never 0 or NaN, so reports can say "unavailable".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
+
+
+def _binary_labels(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """Return (labels as bool, scores as float64), both 1-D of the same length N."""
+    labels = np.asarray(labels).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels and scores differ in length: {labels.shape} vs {scores.shape}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0/1 or bool (1 = anomalous)")
+    return labels.astype(bool), scores
+
+
+def _masks_and_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    """Return (masks as bool N×H×W, maps as float64 N×H×W) after checking the shapes agree."""
+    masks = np.asarray(masks)
+    maps = np.asarray(maps, dtype=np.float64)
+    if masks.ndim != 3 or masks.shape != maps.shape:
+        raise ValueError(
+            f"masks and maps must both be N×H×W with the same shape, got masks {masks.shape} "
+            f"and maps {maps.shape}"
+        )
+    if not np.isfinite(maps).all():
+        raise ValueError("maps contain NaN or infinite values")
+    return masks.astype(bool), maps
+
+
+def _require_both_classes(labels: np.ndarray) -> None:
+    if labels.all() or not labels.any():
+        raise ValueError("a threshold needs both normal and anomalous labels")
+
+
+def image_auroc(labels, scores) -> float | None:
+    """Image-level AUROC of N scores against N binary labels; None if only one class is present."""
+    labels, scores = _binary_labels(labels, scores)
+    if labels.all() or not labels.any():
+        return None
+    return float(roc_auc_score(labels, scores))
+
+
+def pixel_auroc(masks, maps) -> float | None:
+    """Pixel-level AUROC over all pixels of N×H×W masks and maps.
+
+    None when there is no defect pixel or no normal pixel.
+    """
+    masks, maps = _masks_and_maps(masks, maps)
+    if masks.all() or not masks.any():
+        return None
+    return float(roc_auc_score(masks.ravel(), maps.ravel()))
+
+
+def _region_weights(masks: np.ndarray) -> np.ndarray:
+    """Per-pixel weight 1/(n_regions * region_size) for defect pixels, 0 for normal ones.
+
+    masks: N×H×W bool with at least one defect pixel. Regions are the 8-connected components
+    of each image's mask. Summing the weights of the pixels at or above a threshold gives the
+    PRO (mean overlap over all regions) at that threshold.
+    """
+    weights = np.zeros(masks.shape, dtype=np.float64)
+    n_regions = 0
+    for mask, weight in zip(masks, weights):
+        regions, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        inverse_size = np.zeros(n + 1)
+        inverse_size[1:] = 1.0 / np.bincount(regions.ravel(), minlength=n + 1)[1:]
+        weight[...] = inverse_size[regions]
+        n_regions += n
+    return weights / n_regions
+
+
+def _pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact PRO curve of N×H×W bool masks and float maps: (fpr, pro), fpr ascending.
+
+    One point per distinct map value t, the operating point ``maps >= t`` (tied pixels switch
+    together), after a starting point (0, 0) for a threshold above every value.
+    FPR is over all normal pixels of all images. Requires at least one defect region and one
+    normal pixel.
+    """
+    order = np.argsort(maps, axis=None)[::-1]
+    scores = maps.ravel()[order]
+    false_positives = np.cumsum(~masks.ravel()[order])
+    overlap = np.cumsum(_region_weights(masks).ravel()[order])
+    last_of_tie = np.append(scores[1:] != scores[:-1], True)
+    fpr = false_positives[last_of_tie] / false_positives[-1]
+    pro = overlap[last_of_tie]
+    return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under (x, y), x ascending from 0, up to x_max (interpolated there)."""
+    end = int(np.searchsorted(x, x_max, side="left"))  # first index with x >= x_max
+    x_end, y_end = x[end], y[end]
+    if x_end > x_max:
+        y_end = y[end - 1] + (y_end - y[end - 1]) * (x_max - x[end - 1]) / (x_end - x[end - 1])
+    xs = np.append(x[:end], x_max)
+    ys = np.append(y[:end], y_end)
+    return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1])) / 2.0)
+
+
+def aupro(masks, maps, fpr_limit: float = 0.3) -> float | None:
+    """Area under the PRO curve up to ``fpr_limit``, divided by ``fpr_limit`` (MVTec AD protocol).
+
+    masks: N×H×W bool ground truth, maps: N×H×W float anomaly maps. A perfect map gives 1.0.
+    None when there is no defect region or no normal pixel.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    masks, maps = _masks_and_maps(masks, maps)
+    if masks.all() or not masks.any():
+        return None
+    fpr, pro = _pro_curve(masks, maps)
+    return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+def f1_optimal_threshold(labels, scores) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 of ``scores >= threshold`` over the observed scores.
+
+    labels, scores: 1-D of length N. Raises ValueError unless both classes are present.
+    """
+    labels, scores = _binary_labels(labels, scores)
+    _require_both_classes(labels)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    denominator = precision + recall
+    f1 = np.divide(
+        2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
+    )
+    best = int(np.argmax(f1))
+    return float(thresholds[best]), float(f1[best])
+
+
+def best_balanced_accuracy(labels, scores) -> tuple[float, float]:
+    """(threshold, balanced accuracy) maximising (TPR + TNR) / 2 over the observed scores.
+
+    The measure reported by the PIADE paper. labels, scores: 1-D of length N.
+    Raises ValueError unless both classes are present.
+    """
+    labels, scores = _binary_labels(labels, scores)
+    _require_both_classes(labels)
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop the +inf starting point
+    balanced = (tpr + 1.0 - fpr) / 2.0
+    best = int(np.argmax(balanced))
+    return float(thresholds[best]), float(balanced[best])
+
+
+def normal_quantile_threshold(normal_scores, quantile: float = 0.99) -> float:
+    """Threshold at the given quantile of 1-D defect-free scores, usable without defect labels."""
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    normal_scores = np.asarray(normal_scores, dtype=np.float64).ravel()
+    if normal_scores.size == 0:
+        raise ValueError("normal_scores is empty")
+    return float(np.quantile(normal_scores, quantile))
