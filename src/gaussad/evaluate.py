@@ -1,0 +1,114 @@
+"""Evaluate a fitted model on a category's test split and write what a user looks at.
+
+Outputs in one folder: metrics.json, scores.csv (one row per test image), roc.png,
+histogram.png (normal vs defective scores) and overlays/ (heat maps over a sample of test images).
+Pixel metrics are computed at the model's image size, masks resized there (nearest).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gaussad.data import Category, read_mask, read_rgb
+from gaussad.metrics import aupro, best_balanced_accuracy, f1_optimal_threshold, image_auroc, pixel_auroc
+from gaussad.model import GaussianAD, Scores
+from gaussad.plots import save_overlay, save_roc_curve, save_score_histogram
+
+
+def evaluate(model: GaussianAD, category: Category, out_dir: str | Path, n_overlays: int = 8) -> dict:
+    """Score the test split, compute the metrics, set the model's labelled-data thresholds, write outputs."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    test = category.test
+    labels = np.asarray(test.labels)
+
+    start = time.perf_counter()
+    scores = model.score(test)
+    seconds = time.perf_counter() - start
+
+    metrics = {
+        "category": category.name,
+        "n_test_images": len(test),
+        "n_defective": int(labels.sum()),
+        "image_auroc": image_auroc(labels, scores.image),
+        **_pixel_metrics(category, scores, model.config["image_size"]),
+        "score_seconds": round(seconds, 3),
+        "images_per_second": round(len(test) / seconds, 2),
+    }
+    if 0 < labels.sum() < len(labels):
+        threshold, f1 = f1_optimal_threshold(labels, scores.image)
+        balanced_threshold, balanced = best_balanced_accuracy(labels, scores.image)
+        model.thresholds.update(image_f1_optimal=threshold, image_balanced_accuracy=balanced_threshold)
+        metrics.update(f1=f1, balanced_accuracy=balanced)
+    metrics["thresholds"] = dict(model.thresholds)
+
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _scores_table(category, scores, model.decision_threshold).to_csv(out_dir / "scores.csv", index=False)
+    _plots(model, category, scores, out_dir, n_overlays)
+    return metrics
+
+
+def _pixel_metrics(category: Category, scores: Scores, size: int) -> dict:
+    if not category.test.has_masks:
+        reason = "no ground_truth masks" if any(category.test.labels) else "no defective test images"
+        return {"pixel_auroc": None, "aupro": None, "pixel_metrics_unavailable": reason}
+    masks = np.stack([read_mask(path, (size, size)) for path in category.test.mask_paths])
+    return {"pixel_auroc": pixel_auroc(masks, scores.maps), "aupro": aupro(masks, scores.maps)}
+
+
+def _scores_table(category: Category, scores: Scores, threshold: float) -> pd.DataFrame:
+    test = category.test
+    return pd.DataFrame(
+        {
+            "path": [str(p) for p in test.paths],
+            "defect_type": test.defect_types,
+            "label": test.labels,
+            "score": scores.image,
+            "predicted": (scores.image >= threshold).astype(int),
+            "max_pixel_score": scores.maps.reshape(len(test), -1).max(1),
+        }
+    )
+
+
+def _plots(model: GaussianAD, category: Category, scores: Scores, out_dir: Path, n_overlays: int) -> None:
+    labels = np.asarray(category.test.labels)
+    title = f"{category.name}: {model.config['backbone']}"
+    if 0 < labels.sum() < len(labels):
+        save_roc_curve(labels, scores.image, out_dir / "roc.png", title)
+    thresholds = {k: v for k, v in model.thresholds.items() if k.startswith("image_")}
+    save_score_histogram(scores.image[labels == 0], scores.image[labels == 1], out_dir / "histogram.png", title,
+                         thresholds)
+    vmin, vmax = model.display_range()
+    for index in overlay_sample(category.test.defect_types, n_overlays):
+        path = category.test.paths[index]
+        image = read_rgb(path)
+        mask_path = category.test.mask_paths[index]
+        save_overlay(
+            np.asarray(image),
+            scores.maps[index],
+            out_dir / "overlays" / f"{category.test.defect_types[index]}_{path.stem}.png",
+            f"{category.test.defect_types[index]}/{path.name}  score {scores.image[index]:.2f}",
+            vmin,
+            vmax,
+            mask=read_mask(mask_path, image.size) if mask_path else None,
+            threshold=model.thresholds["pixel_normal_quantile"],
+        )
+
+
+def overlay_sample(defect_types, count: int) -> list[int]:
+    """Up to `count` test images, taken in turn from each defect type (good included), first ones first."""
+    by_type: dict[str, list[int]] = {}
+    for index, kind in enumerate(defect_types):
+        by_type.setdefault(kind, []).append(index)
+    picked: list[int] = []
+    queues = list(by_type.values())
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return picked
