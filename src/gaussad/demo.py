@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -164,31 +165,33 @@ def _pick(rng: Rng, region: np.ndarray) -> tuple[int, int]:
     return np.unravel_index(flat[rng.integers(flat.size)], region.shape)
 
 
-def _connected(mask: np.ndarray, region: np.ndarray, at: tuple[int, int]) -> np.ndarray:
-    """The 8-connected piece of ``mask & region`` that contains pixel ``at``."""
-    labels, _ = ndimage.label(mask & region, structure=np.ones((3, 3)))
-    return labels == labels[at] if labels[at] else np.zeros_like(mask)
+def _largest_piece(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The largest 8-connected piece of ``mask & region`` (empty if that is)."""
+    labels, count = ndimage.label(mask & region, structure=np.ones((3, 3)))
+    if count == 0:
+        return labels > 0
+    return labels == 1 + np.argmax(np.bincount(labels.ravel())[1:])
 
 
 def _blob(rng: Rng, shape: tuple[int, int], at: tuple[int, int], radius: float):
     """An irregular, elongated, star-shaped blob around ``at``; returns the mask and the
     relative radius (0 in the middle, 1 on the edge)."""
     y, x = np.ogrid[: shape[0], : shape[1]]
-    rot, aspect = rng.uniform(0, np.pi), rng.uniform(1.0, 2.5)
-    u = (x - at[1]) * np.cos(rot) + (y - at[0]) * np.sin(rot)
-    v = ((y - at[0]) * np.cos(rot) - (x - at[1]) * np.sin(rot)) * aspect
+    rot, aspect = rng.uniform(0, math.pi), rng.uniform(1.0, 2.5)
+    u = (x - at[1]) * math.cos(rot) + (y - at[0]) * math.sin(rot)
+    v = ((y - at[0]) * math.cos(rot) - (x - at[1]) * math.sin(rot)) * aspect
     k = np.arange(2, 6)[:, None, None]
-    wobble = rng.uniform(0, 0.12, (4, 1, 1)) * np.cos(k * np.arctan2(v, u) + rng.uniform(0, 2 * np.pi, (4, 1, 1)))
+    wobble = rng.uniform(0, 0.12, (4, 1, 1)) * np.cos(k * np.arctan2(v, u) + rng.uniform(0, 2 * math.pi, (4, 1, 1)))
     rel = np.hypot(u, v) / (radius * (1 + wobble.sum(axis=0)))
     return rel <= 1, rel
 
 
 def _curve(rng: Rng, shape: tuple[int, int], at: tuple[int, int], length: float, width: int) -> np.ndarray:
-    """A quadratic Bezier stroke ``width`` px wide starting at ``at``."""
-    a = rng.uniform(0, 2 * np.pi)
-    end = np.add(at, length * np.array([np.sin(a), np.cos(a)]))
-    bend = np.add(at, end) / 2 + length * rng.uniform(-0.3, 0.3) * np.array([np.cos(a), -np.sin(a)])
-    r0, c0, r1, c1, r2, c2 = np.rint([*at, *bend, *end]).astype(int)
+    """A gently bent quadratic Bezier stroke ``width`` px wide, centred near ``at``."""
+    a = rng.uniform(0, 2 * math.pi)
+    half = length / 2 * np.array([math.sin(a), math.cos(a)])
+    bow = length * rng.uniform(-0.3, 0.3) * np.array([math.cos(a), -math.sin(a)])
+    r0, c0, r1, c1, r2, c2 = np.rint([*(at - half), *(at + bow), *(at + half)]).astype(int)
     rr, cc = draw.bezier_curve(r0, c0, r1, c1, r2, c2, 1.0)
     return _stroke(shape, rr, cc, width)
 
@@ -204,18 +207,19 @@ def _stroke(shape: tuple[int, int], rr: np.ndarray, cc: np.ndarray, width: int) 
 def _hole(scene: _Scene, rng: Rng) -> _Scene:
     """A hole: an irregular dark gap where the backing shows through."""
     at = _pick(rng, scene.region)
-    mask, _ = _blob(rng, scene.region.shape, at, rng.uniform(0.012, 0.06) * len(scene.region))
-    mask = _connected(mask, scene.region, at)
+    mask, _ = _blob(rng, scene.region.shape, at, rng.uniform(0.012, 0.08) * len(scene.region))
+    mask = _largest_piece(mask, scene.region)
+    opacity, backing = rng.uniform(0.5, 1.0), rng.uniform(0.03, 0.25)
     fg = scene.fg.copy()
-    fg[mask] *= 1 - rng.uniform(0.35, 0.9)
+    fg[mask] = (1 - opacity) * fg[mask] + opacity * backing
     return replace(scene, fg=fg)
 
 
 def _stain(scene: _Scene, rng: Rng, tints: Sequence[Sequence[float]]) -> _Scene:
     """A discoloured blob, strongest in its middle, in one of ``tints`` (colour multipliers)."""
     at = _pick(rng, scene.region)
-    mask, rel = _blob(rng, scene.region.shape, at, rng.uniform(0.015, 0.08) * len(scene.region))
-    mask = _connected(mask, scene.region, at)
+    mask, rel = _blob(rng, scene.region.shape, at, rng.uniform(0.015, 0.1) * len(scene.region))
+    mask = _largest_piece(mask, scene.region)
     tint = np.asarray(tints[rng.integers(len(tints))])[: scene.fg.shape[-1]]
     weight = rng.uniform(0.15, 0.6) * (1 - 0.5 * rel[mask] ** 2)[:, None]
     fg = scene.fg.copy()
@@ -227,7 +231,7 @@ def _thread(scene: _Scene, rng: Rng) -> _Scene:
     """A stray fibre: a thin curved strand of another colour lying on the surface."""
     at, size = _pick(rng, scene.region), len(scene.region)
     mask = _curve(rng, scene.region.shape, at, rng.uniform(0.08, 0.4) * size, int(rng.integers(1, 3)))
-    mask = _connected(mask, scene.region, at)
+    mask = _largest_piece(mask, scene.region)
     colours = np.array([[0.1, 0.1, 0.1], [0.92, 0.92, 0.9], [0.7, 0.15, 0.1], [0.15, 0.25, 0.6]])
     opacity = rng.uniform(0.4, 0.95)
     fg = scene.fg.copy()
@@ -239,7 +243,7 @@ def _scratch(scene: _Scene, rng: Rng) -> _Scene:
     """A thin curved scratch, lighter or darker than the surface."""
     at, size = _pick(rng, scene.region), len(scene.region)
     mask = _curve(rng, scene.region.shape, at, rng.uniform(0.06, 0.4) * size, int(rng.integers(1, 4)))
-    mask = _connected(mask, scene.region, at)
+    mask = _largest_piece(mask, scene.region)
     fg = scene.fg.copy()
     fg[mask] += rng.choice([-1, 1]) * rng.uniform(0.05, 0.3)
     return replace(scene, fg=np.clip(fg, 0, 1))
@@ -248,35 +252,37 @@ def _scratch(scene: _Scene, rng: Rng) -> _Scene:
 def _dent(scene: _Scene, rng: Rng) -> _Scene:
     """A shallow dent: a blob with its grain smoothed away, shaded darker on one side."""
     at = _pick(rng, scene.region)
-    radius = rng.uniform(0.012, 0.05) * len(scene.region)
+    radius = rng.uniform(0.012, 0.06) * len(scene.region)
     mask, _ = _blob(rng, scene.region.shape, at, radius)
-    mask = _connected(mask, scene.region, at)
+    mask = _largest_piece(mask, scene.region)
     y, x = np.nonzero(mask)
-    a = rng.uniform(0, 2 * np.pi)
-    side = np.clip(((y - at[0]) * np.sin(a) + (x - at[1]) * np.cos(a)) / radius, -1, 1)
+    a = rng.uniform(0, 2 * math.pi)
+    side = np.clip(((y - at[0]) * math.sin(a) + (x - at[1]) * math.cos(a)) / radius, -1, 1)
     smooth = ndimage.gaussian_filter(scene.fg, (2, 2, 0))
     fg = scene.fg.copy()
     fg[mask] = smooth[mask] * (1 - rng.uniform(0.08, 0.35) * (0.6 + 0.4 * side))[:, None]
     return replace(scene, fg=fg)
 
 
+def _walk(rng: Rng, start: np.ndarray, heading: float, steps: int, step: float) -> np.ndarray:
+    """A jagged random walk: ``steps + 1`` points (row, col) along a slowly turning heading."""
+    turns = heading + np.cumsum(rng.normal(0, 0.15, steps)) + rng.normal(0, 0.6, steps)
+    return np.vstack([start, start + np.cumsum(step * np.c_[np.sin(turns), np.cos(turns)], axis=0)])
+
+
 def _crack(scene: _Scene, rng: Rng) -> _Scene:
-    """A jagged dark crack: a random walk of short straight segments, sometimes branching."""
+    """A jagged dark crack, sometimes with a branch, of straight segments."""
     at, shape = _pick(rng, scene.region), scene.region.shape
-    steps = int(rng.integers(6, 14))
+    steps = int(rng.integers(10, 24))
     step = rng.uniform(0.1, 0.35) * len(scene.region) / steps
-    angles = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.5, steps))
-    path = np.vstack([at, at + np.cumsum(step * np.c_[np.sin(angles), np.cos(angles)], axis=0)])
-    if rng.random() < 0.5:  # a branch from a point along the way
-        fork = path[rng.integers(1, steps)]
-        twig = angles[0] + rng.choice([-1, 1]) * rng.uniform(0.6, 1.2) + np.cumsum(rng.normal(0, 0.5, steps // 2))
-        path = np.vstack([path, fork, fork + np.cumsum(step * np.c_[np.sin(twig), np.cos(twig)], axis=0)])
-    pts = np.rint(path).astype(int)
-    segments = [draw.line(*p, *q) for p, q in zip(pts[:-1], pts[1:])]
-    if len(pts) > steps + 1:  # do not join the trunk's end to the branch's fork
-        del segments[steps]
+    heading = rng.uniform(0, 2 * math.pi)
+    paths = [_walk(rng, np.array(at), heading, steps, step)]
+    if rng.random() < 0.5:
+        fork = paths[0][rng.integers(1, steps)]
+        paths.append(_walk(rng, fork, heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2), steps // 2, step))
+    segments = [draw.line(*p, *q) for path in paths for p, q in pairwise(np.rint(path).astype(int))]
     rr, cc = np.concatenate(segments, axis=1)
-    mask = _connected(_stroke(shape, rr, cc, int(rng.integers(1, 3))), scene.region, at)
+    mask = _largest_piece(_stroke(shape, rr, cc, int(rng.integers(1, 3))), scene.region)
     fg = scene.fg.copy()
     fg[mask] *= 1 - rng.uniform(0.25, 0.7)
     return replace(scene, fg=fg)
@@ -289,7 +295,7 @@ def _missing(scene: _Scene, rng: Rng) -> _Scene:
     dist = np.hypot(*np.nonzero(edge) - np.array([[cy], [cx]]))
     rim = np.zeros_like(edge)
     rim[edge] = dist > 0.8 * dist.max()  # the outer outline, not the hole's
-    chip, _ = _blob(rng, edge.shape, _pick(rng, rim), rng.uniform(0.03, 0.09) * len(edge))
+    chip, _ = _blob(rng, edge.shape, _pick(rng, rim), rng.uniform(0.03, 0.11) * len(edge))
     return replace(scene, alpha=np.where(chip, 0.0, scene.alpha))
 
 

@@ -38,6 +38,11 @@ class _StopForward(Exception):
     """Raised by the hook of the deepest requested level: later layers are never computed."""
 
 
+def _first_line(err: Exception) -> str:
+    """torch's and the hub's messages run over many lines; the first says what went wrong."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -62,7 +67,7 @@ def build_model(name: str, weights: str, seed: int = 0) -> torch.nn.Module:
             model = timm.create_model(name, pretrained=True)
         except Exception as err:  # hub errors come in many types; all mean "not available here"
             raise WeightsError(
-                f"cannot load the timm hub weights of {name!r} ({type(err).__name__}: {err}). "
+                f"cannot load the timm hub weights of {name!r} ({type(err).__name__}: {_first_line(err)}). "
                 f"Offline, download them once into the Hugging Face cache, or use weights='file:<path>' "
                 f"(or '{LITE0_PACKAGE}' with tf_efficientnet_lite0)."
             ) from None
@@ -70,7 +75,7 @@ def build_model(name: str, weights: str, seed: int = 0) -> torch.nn.Module:
     try:
         model = _create_without_weights(name, seed)
     except RuntimeError as err:  # timm raises RuntimeError("Unknown model ...")
-        raise WeightsError(f"unknown backbone {name!r}: {err}") from None
+        raise WeightsError(f"unknown backbone {name!r}: {_first_line(err)}") from None
     if weights == "none":
         pass
     elif weights == LITE0_PACKAGE:
@@ -118,7 +123,7 @@ def _load_state_dict_file(model: torch.nn.Module, path: Path) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise WeightsError(f"cannot read weights file {path}: {err}") from None
+        raise WeightsError(f"cannot read weights file {path}: {_first_line(err)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     result = model.load_state_dict(state, strict=False)

@@ -1,0 +1,150 @@
+"""The `gaussad` command end to end on generated data: outputs a user looks at, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from gaussad.cli import main
+from gaussad.demo import write_demo_dataset
+
+FAST = ["--preset", "lite0", "--image-size", "96", "--levels", "3", "4", "5", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(root, seed=1, n_train=12, n_test_good=4, n_test_per_defect=3, image_size=128)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(dataset, tmp_path_factory) -> Path:
+    model = tmp_path_factory.mktemp("models") / "brushed"
+    assert main(["fit", str(dataset), "-c", "brushed", "-o", str(model), *FAST]) == 0
+    return model
+
+
+def copy_category(dataset: Path, name: str, tmp_path: Path) -> Path:
+    target = tmp_path / "data" / name
+    shutil.copytree(dataset / name, target)
+    return target
+
+
+def test_fit_writes_a_loadable_model_folder(fitted):
+    config = json.loads((fitted / "config.json").read_text())
+    assert config["backbone"] == "tf_efficientnet_lite0" and config["levels"] == [3, 4, 5]
+    assert (fitted / "stats.safetensors").stat().st_size > 0
+    assert sorted(p.name for p in fitted.iterdir()) == ["config.json", "stats.safetensors"]
+
+
+def test_evaluate_writes_metrics_tables_and_pictures(fitted, dataset, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(fitted), str(dataset / "brushed"), "-o", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy"):
+        assert 0 <= metrics[key] <= 1, key
+    scores = pd.read_csv(out / "scores.csv")
+    assert len(scores) == metrics["n_test_images"] and set(scores.label) == {0, 1}
+    for picture in ["roc.png", "histogram.png", *(f"overlays/{p.name}" for p in (out / "overlays").iterdir())]:
+        with Image.open(out / picture) as image:
+            assert image.width > 300
+    assert len(list((out / "overlays").iterdir())) == 8
+    # evaluate stores the labelled-data thresholds in the model for predict
+    thresholds = json.loads((fitted / "config.json").read_text())["thresholds"]
+    assert thresholds["image_f1_optimal"] == metrics["thresholds"]["image_f1_optimal"]
+
+
+def test_grayscale_category_without_masks_reports_pixel_metrics_unavailable(dataset, tmp_path):
+    gray = copy_category(dataset, "brushed", tmp_path)
+    with Image.open(next((gray / "train" / "good").iterdir())) as image:
+        assert image.mode == "L"
+    shutil.rmtree(gray / "ground_truth")
+    model, out = tmp_path / "model", tmp_path / "eval"
+    assert main(["fit", str(gray), "-o", str(model), *FAST]) == 0
+    assert main(["evaluate", str(model), str(gray), "-o", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pixel_auroc"] is None and metrics["aupro"] is None
+    assert metrics["pixel_metrics_unavailable"] == "no ground_truth masks"
+    assert metrics["image_auroc"] is not None
+
+
+def test_predict_labels_images_and_draws_overlays(fitted, dataset, tmp_path, capsys):
+    images = [dataset / "brushed" / "test" / "good" / "000.png", dataset / "brushed" / "test" / "scratch"]
+    out = tmp_path / "pred"
+    assert main(["predict", str(fitted), *map(str, images), "-o", str(out), "--quiet", "--threshold", "0"]) == 0
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == 1 + 3 and set(table.label) == {"anomalous"}  # threshold 0: everything is above
+    assert all(Path(p).is_file() for p in table.overlay)
+    assert "threshold 0" in capsys.readouterr().out
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def run_cli_error(args: list[str], capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gaussad: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_truncated_training_image_fails_before_compute_and_writes_no_model(dataset, tmp_path, capsys):
+    category = copy_category(dataset, "weave", tmp_path)
+    bad = category / "train" / "good" / "003.png"
+    truncate(bad)
+    model = tmp_path / "model"
+    assert str(bad) in run_cli_error(["fit", str(category), "-o", str(model), *FAST], capsys)
+    assert not model.exists() and list(tmp_path.iterdir()) == [tmp_path / "data"]
+
+
+@pytest.mark.parametrize("damage", ["missing mask", "mask size", "unknown category", "empty train", "no test"])
+def test_dataset_errors_name_the_path(dataset, fitted, tmp_path, capsys, damage):
+    category = copy_category(dataset, "hexnut", tmp_path)
+    args = ["evaluate", str(fitted), str(category), "-o", str(tmp_path / "out"), "--quiet"]
+    mask = category / "ground_truth" / "scratch" / "001_mask.png"
+    if damage == "missing mask":
+        mask.unlink()
+        expected = str(category / "test" / "scratch" / "001.png")
+    elif damage == "mask size":
+        Image.new("L", (10, 10)).save(mask)
+        expected = str(mask)
+    elif damage == "unknown category":
+        args[2:3] = [str(category.parent), "-c", "nope"]
+        expected = "'nope'"
+    elif damage == "empty train":
+        for image in (category / "train" / "good").iterdir():
+            image.unlink()
+        expected = str(category / "train" / "good")
+    else:
+        shutil.rmtree(category / "test")
+        expected = str(category / "test")
+    assert expected in run_cli_error(args, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_and_weight_errors_are_one_line(dataset, tmp_path, capsys):
+    assert "config.json" in run_cli_error(["predict", str(tmp_path / "no-model"), str(dataset)], capsys)
+    weights = tmp_path / "weights.pth"
+    weights.write_text("not a state dict")
+    err = run_cli_error(["fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), *FAST, "--weights",
+                         f"file:{weights}"], capsys)
+    assert str(weights) in err and not (tmp_path / "m").exists()
+
+
+def test_console_script_exit_code_and_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gaussad.cli", "fit", str(tmp_path / "missing"), "-c", "x", "-o", str(tmp_path / "m")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"gaussad: error: dataset root {tmp_path / 'missing'} does not exist or is not a folder"
