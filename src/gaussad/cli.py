@@ -208,6 +208,8 @@ def _demo(args: argparse.Namespace) -> None:
         rows.append({**_summary_row(metrics), "fit s": round(fit_seconds, 1)})
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "results.csv", index=False)
+    means = table.drop(columns="category").apply(pd.to_numeric, errors="coerce").mean().round(1)
+    table = pd.concat([table, pd.DataFrame([{"category": "mean", **means.to_dict()}])], ignore_index=True)
     settings = model.config
     print(f"\n{settings['backbone']} ({settings['weights']}), levels {settings['levels']}, "
           f"{settings['image_size']} px, {settings['reduction']} {settings['variance']}, {settings['spatial']}")

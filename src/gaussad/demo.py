@@ -18,7 +18,6 @@ rendered without the defect.
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +27,8 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import scipy.fft
+from PIL import Image
 from scipy import ndimage
 from skimage import draw
 
@@ -103,7 +102,8 @@ def _weave(rng: Rng, size: int) -> _Scene:
     weft = weft_gain[j % 64] * np.sqrt(sv) * (0.7 + 0.3 * su) * (1 + 0.12 * fibre_weft)
     warp_on_top = (i + j) % 2 == 0
     lum = 0.15 + 0.85 * np.where(warp_on_top, warp, weft)
-    warp_colour, weft_colour = np.array([[0.62, 0.50, 0.36], [0.72, 0.62, 0.47]], np.float32) * rng.normal(1, 0.02)
+    colours = np.array([[0.62, 0.50, 0.36], [0.72, 0.62, 0.47]], np.float32) * rng.normal(1, 0.02)
+    warp_colour, weft_colour = colours
     return _texture(np.where(warp_on_top[..., None], warp_colour, weft_colour) * lum[..., None])
 
 
@@ -139,16 +139,18 @@ def _hexnut(rng: Rng, size: int) -> _Scene:
 
     light = rng.uniform(-2.6, -2.0)  # light from the upper left
     lit = np.cos(ang - light)
-    rings = ndimage.gaussian_filter1d(rng.standard_normal(size + 2, dtype=np.float32), 1.0)
+    rings = ndimage.gaussian_filter1d(rng.standard_normal(2 * size, dtype=np.float32), 1.0)
     tool_marks = rings[rad.astype(np.int32)]  # concentric turning marks
     face = 0.74 + 0.03 * tool_marks + 0.06 * lit * rad / flats
     chamfer = 0.55 + 0.25 * lit
     countersink = (0.35 + 0.25 * (rad - hole) / (sink - hole)) * (0.9 - 0.1 * lit)
     lum = np.where(rad > 0.96 * flats, chamfer, np.where(rad < sink, countersink, face))
     lum += 0.015 * _oriented_noise(rng, size, 4.0, 1.0, rng.uniform(0, math.pi))
-    fg = lum[..., None] * (np.array([0.86, 0.86, 0.80], np.float32) * rng.normal(1.0, 0.015, 3).astype(np.float32))
+    zinc = np.array([0.86, 0.86, 0.80]) * rng.normal(1.0, 0.015, 3)  # with a white-balance jitter
+    fg = lum[..., None] * zinc.astype(np.float32)
 
-    table = 1 + 0.05 * _oriented_noise(rng, size, 1.5, 1.5, 0) + 0.04 * _oriented_noise(rng, size, 20, 20, 0)
+    table = 1 + 0.05 * _oriented_noise(rng, size, 1.5, 1.5, 0)
+    table += 0.04 * _oriented_noise(rng, size, 20, 20, 0)
     offset = int(round(0.02 * size))
     shadow = ndimage.gaussian_filter(np.roll(outline, (offset, offset), axis=(0, 1)), 0.02 * size)
     bg = (table * (1 - 0.45 * shadow))[..., None] * np.array([0.30, 0.34, 0.31], np.float32)
@@ -181,12 +183,13 @@ def _blob(rng: Rng, shape: tuple[int, int], at: tuple[int, int], radius: float):
     u = (x - at[1]) * math.cos(rot) + (y - at[0]) * math.sin(rot)
     v = ((y - at[0]) * math.cos(rot) - (x - at[1]) * math.sin(rot)) * aspect
     k = np.arange(2, 6)[:, None, None]
-    wobble = rng.uniform(0, 0.12, (4, 1, 1)) * np.cos(k * np.arctan2(v, u) + rng.uniform(0, 2 * math.pi, (4, 1, 1)))
+    phase = rng.uniform(0, 2 * math.pi, (4, 1, 1))
+    wobble = rng.uniform(0, 0.12, (4, 1, 1)) * np.cos(k * np.arctan2(v, u) + phase)
     rel = np.hypot(u, v) / (radius * (1 + wobble.sum(axis=0)))
     return rel <= 1, rel
 
 
-def _curve(rng: Rng, shape: tuple[int, int], at: tuple[int, int], length: float, width: int) -> np.ndarray:
+def _curve(rng: Rng, shape: tuple[int, int], at: tuple[int, int], length: float, width: int):
     """A gently bent quadratic Bezier stroke ``width`` px wide, centred near ``at``."""
     a = rng.uniform(0, 2 * math.pi)
     half = length / 2 * np.array([math.sin(a), math.cos(a)])
@@ -216,11 +219,11 @@ def _hole(scene: _Scene, rng: Rng) -> _Scene:
 
 
 def _stain(scene: _Scene, rng: Rng, tints: Sequence[Sequence[float]]) -> _Scene:
-    """A discoloured blob, strongest in its middle, in one of ``tints`` (colour multipliers)."""
+    """A discoloured blob, strongest in its middle, in one of ``tints`` (RGB multipliers)."""
     at = _pick(rng, scene.region)
     mask, rel = _blob(rng, scene.region.shape, at, rng.uniform(0.015, 0.1) * len(scene.region))
     mask = _largest_piece(mask, scene.region)
-    tint = np.asarray(tints[rng.integers(len(tints))])[: scene.fg.shape[-1]]
+    tint = np.asarray(tints[rng.integers(len(tints))])
     weight = rng.uniform(0.15, 0.6) * (1 - 0.5 * rel[mask] ** 2)[:, None]
     fg = scene.fg.copy()
     fg[mask] *= 1 - weight * (1 - tint)
@@ -229,8 +232,8 @@ def _stain(scene: _Scene, rng: Rng, tints: Sequence[Sequence[float]]) -> _Scene:
 
 def _thread(scene: _Scene, rng: Rng) -> _Scene:
     """A stray fibre: a thin curved strand of another colour lying on the surface."""
-    at, size = _pick(rng, scene.region), len(scene.region)
-    mask = _curve(rng, scene.region.shape, at, rng.uniform(0.08, 0.4) * size, int(rng.integers(1, 3)))
+    length, width = rng.uniform(0.08, 0.4) * len(scene.region), int(rng.integers(1, 3))
+    mask = _curve(rng, scene.region.shape, _pick(rng, scene.region), length, width)
     mask = _largest_piece(mask, scene.region)
     colours = np.array([[0.1, 0.1, 0.1], [0.92, 0.92, 0.9], [0.7, 0.15, 0.1], [0.15, 0.25, 0.6]])
     opacity = rng.uniform(0.4, 0.95)
@@ -241,8 +244,8 @@ def _thread(scene: _Scene, rng: Rng) -> _Scene:
 
 def _scratch(scene: _Scene, rng: Rng) -> _Scene:
     """A thin curved scratch, lighter or darker than the surface."""
-    at, size = _pick(rng, scene.region), len(scene.region)
-    mask = _curve(rng, scene.region.shape, at, rng.uniform(0.06, 0.4) * size, int(rng.integers(1, 4)))
+    length, width = rng.uniform(0.06, 0.4) * len(scene.region), int(rng.integers(1, 4))
+    mask = _curve(rng, scene.region.shape, _pick(rng, scene.region), length, width)
     mask = _largest_piece(mask, scene.region)
     fg = scene.fg.copy()
     fg[mask] += rng.choice([-1, 1]) * rng.uniform(0.05, 0.3)
@@ -279,8 +282,10 @@ def _crack(scene: _Scene, rng: Rng) -> _Scene:
     paths = [_walk(rng, np.array(at), heading, steps, step)]
     if rng.random() < 0.5:
         fork = paths[0][rng.integers(1, steps)]
-        paths.append(_walk(rng, fork, heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2), steps // 2, step))
-    segments = [draw.line(*p, *q) for path in paths for p, q in pairwise(np.rint(path).astype(int))]
+        turn = rng.choice([-1, 1]) * rng.uniform(0.5, 1.2)
+        paths.append(_walk(rng, fork, heading + turn, steps // 2, step))
+    points = [np.rint(path).astype(int) for path in paths]
+    segments = [draw.line(*p, *q) for path in points for p, q in pairwise(path)]
     rr, cc = np.concatenate(segments, axis=1)
     mask = _largest_piece(_stroke(shape, rr, cc, int(rng.integers(1, 3))), scene.region)
     fg = scene.fg.copy()
@@ -289,7 +294,8 @@ def _crack(scene: _Scene, rng: Rng) -> _Scene:
 
 
 def _missing(scene: _Scene, rng: Rng) -> _Scene:
-    """A piece broken off the rim: the object's coverage drops to zero in a blob on its outline."""
+    """A piece broken off the rim: the object's coverage drops to zero in a blob on its
+    outline, showing the background."""
     edge = (scene.alpha > 0) & (scene.alpha < 1)
     cy, cx = ndimage.center_of_mass(scene.alpha)
     dist = np.hypot(*np.nonzero(edge) - np.array([[cy], [cx]]))
@@ -310,10 +316,17 @@ class _Category:
 
 
 _CATEGORIES: dict[str, _Category] = {
-    "weave": _Category(_weave, {"hole": _hole, "stain": partial(_stain, tints=_SPILLS), "thread": _thread}),
+    "weave": _Category(
+        _weave, {"hole": _hole, "stain": partial(_stain, tints=_SPILLS), "thread": _thread}
+    ),
     "brushed": _Category(_brushed, {"scratch": _scratch, "dent": _dent, "crack": _crack}),
     "hexnut": _Category(
-        _hexnut, {"scratch": _scratch, "contamination": partial(_stain, tints=_RUST_AND_OIL), "missing": _missing}
+        _hexnut,
+        {
+            "scratch": _scratch,
+            "contamination": partial(_stain, tints=_RUST_AND_OIL),
+            "missing": _missing,
+        },
     ),
 }
 
@@ -335,7 +348,8 @@ def _camera(rng: Rng, size: int, channels: int) -> Callable[[np.ndarray], np.nda
 
 def _save(pixels: np.ndarray, path: Path) -> None:
     """Write a (H, W, 1) array as an 'L' PNG and a (H, W, 3) one as 'RGB'."""
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path, compress_level=1)
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    image.save(path, compress_level=1)  # fast; the files are written once and read many times
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -348,7 +362,7 @@ def _fresh_dir(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class _Job:
-    """One image to write: ``split`` numbers the category's folders, ``index`` the image in it."""
+    """One image to write, numbered by its folder (``split``) and its ``index`` in it."""
 
     category: str
     seed: int
@@ -356,18 +370,21 @@ class _Job:
     index: int
     size: int
     image: Path
-    defect: str | None = None
-    mask: Path | None = None
+    defect: str | None
+    mask: Path | None
 
 
-def _category_jobs(out: Path, name: str, seed: int, counts: tuple[int, int, int], size: int) -> list[_Job]:
+def _category_jobs(
+    root: Path, name: str, seed: int, counts: Sequence[int], size: int
+) -> list[_Job]:
     """Prepare one category's folders and list the images to write into them."""
-    splits = [("train/good", None, counts[0]), ("test/good", None, counts[1])]
-    splits += [(f"test/{defect}", defect, counts[2]) for defect in _CATEGORIES[name].defects]
+    n_train, n_test_good, n_test_per_defect = counts
+    splits = [("train/good", None, n_train), ("test/good", None, n_test_good)]
+    splits += [(f"test/{d}", d, n_test_per_defect) for d in _CATEGORIES[name].defects]
     jobs = []
     for split, (folder, defect, count) in enumerate(splits):
-        images = _fresh_dir(out / folder)
-        masks = _fresh_dir(out / "ground_truth" / defect) if defect else None
+        images = _fresh_dir(root / name / folder)
+        masks = _fresh_dir(root / name / "ground_truth" / defect) if defect else None
         for k in range(count):
             mask = masks / f"{k:03d}_mask.png" if masks else None
             jobs.append(_Job(name, seed, split, k, size, images / f"{k:03d}.png", defect, mask))
@@ -378,7 +395,9 @@ def _write_image(job: _Job) -> None:
     """Render and write one image (and its mask), from its own seed sequence."""
     category = _CATEGORIES[job.category]
     entropy = [job.seed, zlib.crc32(job.category.encode()), job.split, job.index]
-    scene_rng, defect_rng, camera_rng = map(np.random.default_rng, np.random.SeedSequence(entropy).spawn(3))
+    scene_rng, defect_rng, camera_rng = map(
+        np.random.default_rng, np.random.SeedSequence(entropy).spawn(3)
+    )
     scene = category.render(scene_rng, job.size)
     shoot = _camera(camera_rng, job.size, scene.fg.shape[-1])
     clean = shoot(scene.render())
@@ -386,11 +405,16 @@ def _write_image(job: _Job) -> None:
         _save(clean, job.image)
         return
     mask = np.zeros((job.size, job.size), bool)
-    while not mask.any():  # a defect drawn where it changes no 8-bit value is redrawn
+    while not mask.any():  # a defect that changes no 8-bit value is drawn again
         pixels = shoot(category.defects[job.defect](scene, defect_rng).render())
         mask = (pixels != clean).any(axis=-1)
     _save(pixels, job.image)
     _save(mask[..., None].astype(np.uint8) * 255, job.mask)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def write_demo_dataset(
@@ -403,27 +427,26 @@ def write_demo_dataset(
     image_size: int = 256,
 ) -> list[str]:
     """Write the demo dataset under ``root`` in MVTec AD layout and return the category
-    names written.
+    names written (all of ``DEMO_CATEGORIES`` by default).
 
     ``<root>/<category>/{train/good, test/good, test/<defect>}/NNN.png`` and
     ``<root>/<category>/ground_truth/<defect>/NNN_mask.png`` (mode 'L', 255 = defect).
-    The same arguments write byte-identical files; PNGs already in the folders written
-    to are deleted first.
+    The same arguments write byte-identical files, and an image does not depend on the
+    counts. PNGs already in the folders written to are deleted first.
     """
-    names = list(DEMO_CATEGORIES if categories is None else [categories] if isinstance(categories, str) else categories)
+    if categories is None:
+        categories = DEMO_CATEGORIES
+    names = list(dict.fromkeys([categories] if isinstance(categories, str) else categories))
     unknown = [n for n in names if n not in _CATEGORIES]
     if unknown or not names:
-        raise ValueError(f"unknown demo categories {unknown}; valid ones are {list(DEMO_CATEGORIES)}")
-    counts = {"n_train": n_train, "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect}
-    for arg, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    names = list(dict.fromkeys(names))
-    jobs = [job for n in names for job in _category_jobs(Path(root) / n, n, seed, tuple(counts.values()), image_size)]
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # numpy, scipy and zlib release the GIL
+        problem = f"unknown demo categories {unknown}" if unknown else "no demo categories given"
+        raise ValueError(f"{problem}; valid ones are {list(DEMO_CATEGORIES)}")
+    counts = (n_train, n_test_good, n_test_per_defect)
+    for arg, value in zip(("n_train", "n_test_good", "n_test_per_defect"), counts):
+        _check_int(arg, value, 1)
+    _check_int("image_size", image_size, 32)
+    _check_int("seed", seed, 0)
+    jobs = [job for n in names for job in _category_jobs(Path(root), n, seed, counts, image_size)]
+    with ThreadPoolExecutor() as pool:  # numpy, scipy and zlib release the GIL
         list(pool.map(_write_image, jobs))
     return names

@@ -126,7 +126,12 @@ def _load_state_dict_file(model: torch.nn.Module, path: Path) -> None:
         raise WeightsError(f"cannot read weights file {path}: {_first_line(err)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    result = model.load_state_dict(state, strict=False)
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensors of the same name but another shape
+        raise WeightsError(f"weights file {path} does not fit {type(model).__name__}: {_first_line(err)}") from None
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(
             f"weights file {path} does not fit {type(model).__name__}: "

@@ -80,7 +80,8 @@ def kept_count(eigenvalues_ascending: torch.Tensor, reduction: str, variance: fl
     ordered = eigenvalues_ascending if reduction == "npca" else eigenvalues_ascending.flip(0)
     ratio = ordered.cumsum(0) / ordered.sum()
     threshold = torch.tensor([variance], dtype=ratio.dtype, device=ratio.device)
-    return min(int(torch.searchsorted(ratio, threshold, right=True)) + 1, dim)
+    # npca: the first count whose ratio reaches v; pca: the first past v (scikit-learn's rule)
+    return min(int(torch.searchsorted(ratio, threshold, right=reduction == "pca")) + 1, dim)
 
 
 def ledoit_wolf_shrinkage(eigenvalues: torch.Tensor, fourth_moment: torch.Tensor, n: int) -> torch.Tensor:

@@ -206,7 +206,9 @@ class GaussianAD:
             raise RuntimeError("the model is not fitted: nothing to save")
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+        partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
+        partial.mkdir()
         try:
             save_file(self._tensors(), str(partial / "stats.safetensors"))
             (partial / "config.json").write_text(json.dumps(self.to_config(), indent=2))
@@ -241,7 +243,12 @@ class GaussianAD:
         config = _read_config(directory)
         keys = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
                 "normal_quantile", "seed")
-        model = cls(**{k: config[k] for k in keys}, device=device, progress=progress, batch_size=batch_size)
+        try:
+            model = cls(**{k: config[k] for k in keys}, device=device, progress=progress, batch_size=batch_size)
+        except KeyError as missing:
+            raise ModelFileError(f"{directory / 'config.json'} lacks the key {missing}") from None
+        except ValueError as err:
+            raise ModelFileError(f"{directory / 'config.json'}: {err}") from None
         model.thresholds = dict(config.get("thresholds", {}))
         model.fit_info = {k: v for k, v in config.items() if k not in keys and k not in
                           ("format_version", "gaussad_version", "model_type", "thresholds")}
