@@ -15,7 +15,7 @@ import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 import timm
@@ -259,22 +259,23 @@ class FeatureStore:
         progress: bool = True,
         description: str = "extracting features",
     ) -> "FeatureStore":
+        """Extract the features of `paths` batch by batch, appending each level to its .npy file."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        arrays: dict[int, np.ndarray] = {}
-        start = 0
+        files: dict[int, BinaryIO] = {}
         batches = backbone.batches(paths, batch_size)
         total = -(-len(paths) // batch_size)
-        for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=not progress):
-            feats = backbone.extract(batch)
-            for level, feats_nchw in feats.items():
-                if level not in arrays:
-                    shape = (len(paths), *feats_nchw.shape[1:])
-                    arrays[level] = np.lib.format.open_memmap(directory / f"level_{level}.npy", "w+", np.float32, shape)
-                arrays[level][start : start + len(batch)] = feats_nchw.cpu().numpy()
-            start += len(batch)
-        for array in arrays.values():
-            array.flush()
+        try:
+            for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=not progress):
+                for level, feats_nchw in backbone.extract(batch).items():
+                    if level not in files:  # plain appends, not a memory map: pages written don't stay resident
+                        files[level] = open(directory / f"level_{level}.npy", "wb")
+                        header = {"descr": "<f4", "fortran_order": False, "shape": (len(paths), *feats_nchw.shape[1:])}
+                        np.lib.format.write_array_header_2_0(files[level], header)
+                    files[level].write(feats_nchw.cpu().numpy().astype("<f4", copy=False).tobytes())
+        finally:
+            for file in files.values():
+                file.close()
         meta = {"levels": list(backbone.levels), "paths": [str(p) for p in paths]}
         (directory / "meta.json").write_text(json.dumps(meta, indent=1))
         return cls(directory)
@@ -283,13 +284,19 @@ class FeatureStore:
         return len(self.paths)
 
     def level(self, level: int) -> np.ndarray:
-        """The [N, C, h, w] features of one level, memory-mapped."""
+        """The [N, C, h, w] features of one level, memory-mapped (for inspection; fitting uses chunks)."""
         return np.load(self.directory / f"level_{level}.npy", mmap_mode="r")
 
-    def chunks(self, level: int, max_bytes: int = 64 * 2**20) -> Iterator[torch.Tensor]:
-        """The level's features in [n, C, h, w] chunks of at most ~max_bytes each."""
-        feats = self.level(level)
-        per_image = max(1, feats[0].nbytes)
-        step = max(1, max_bytes // per_image)
-        for start in range(0, len(feats), step):
-            yield torch.from_numpy(np.array(feats[start : start + step]))  # a writable copy of the slice
+    def chunks(self, level: int, max_bytes: int = 8 * 2**20) -> Iterator[torch.Tensor]:
+        """The level's features in [n, C, h, w] chunks of at most ~max_bytes each, read from the file."""
+        with open(self.directory / f"level_{level}.npy", "rb") as file:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                np.lib.format.read_magic(file), np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(file)
+            per_image = max(1, int(np.prod(shape[1:])) * dtype.itemsize)
+            step = max(1, max_bytes // per_image)
+            for start in range(0, shape[0], step):
+                n = min(step, shape[0] - start)
+                feats = np.fromfile(file, dtype=dtype, count=n * int(np.prod(shape[1:])))
+                yield torch.from_numpy(feats.reshape(n, *shape[1:]))
