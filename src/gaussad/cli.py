@@ -202,9 +202,8 @@ def _demo(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         model.fit(category.train, holdout=args.holdout)
         fit_seconds = time.perf_counter() - start
-        model_dir = model.save(args.out / name / "model")
         metrics = evaluate(model, category, args.out / name / "evaluation")
-        model.save(model_dir)
+        model.save(args.out / name / "model")  # with the thresholds evaluate calibrated
         rows.append({**_summary_row(metrics), "fit s": round(fit_seconds, 1)})
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "results.csv", index=False)
