@@ -196,7 +196,9 @@ def _demo(args: argparse.Namespace) -> None:
     if not args.data.is_dir() or not any(args.data.iterdir()):
         write_demo_dataset(args.data)
     rows = []
-    for name in list_categories(args.data):
+    names = list_categories(args.data)
+    for number, name in enumerate(names, 1):
+        print(f"[{number}/{len(names)}] {name}", flush=True)
         category = load_category(args.data, name)
         model = _model_from_arguments(args)
         start = time.perf_counter()
