@@ -287,8 +287,10 @@ class FeatureStore:
         """The [N, C, h, w] features of one level, memory-mapped (for inspection; fitting uses chunks)."""
         return np.load(self.directory / f"level_{level}.npy", mmap_mode="r")
 
-    def chunks(self, level: int, max_bytes: int = 8 * 2**20) -> Iterator[torch.Tensor]:
-        """The level's features in [n, C, h, w] chunks of at most ~max_bytes each, read from the file."""
+    def chunks(self, level: int, rows: Sequence[int] | None = None, max_bytes: int = 8 * 2**20) -> Iterator[torch.Tensor]:
+        """The level's features in [n, C, h, w] chunks of at most ~max_bytes each, read from the file;
+        with `rows`, only those images (in file order)."""
+        keep = None if rows is None else np.isin(np.arange(len(self)), np.asarray(rows, dtype=int))
         with open(self.directory / f"level_{level}.npy", "rb") as file:
             read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
                 np.lib.format.read_magic(file), np.lib.format.read_array_header_2_0
@@ -298,5 +300,16 @@ class FeatureStore:
             step = max(1, max_bytes // per_image)
             for start in range(0, shape[0], step):
                 n = min(step, shape[0] - start)
-                feats = np.fromfile(file, dtype=dtype, count=n * int(np.prod(shape[1:])))
-                yield torch.from_numpy(feats.reshape(n, *shape[1:]))
+                feats = np.fromfile(file, dtype=dtype, count=n * int(np.prod(shape[1:]))).reshape(n, *shape[1:])
+                if keep is not None:
+                    feats = feats[keep[start : start + n]]
+                if len(feats):
+                    yield torch.from_numpy(feats)
+
+    def batches(self, rows: Sequence[int] | None = None, batch_size: int = 16) -> Iterator[dict[int, torch.Tensor]]:
+        """{level: [n, C, h, w]} for `rows` (all images by default), batch by batch, for scoring."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=int)
+        levels = {level: self.level(level) for level in self.levels}
+        for start in range(0, len(rows), batch_size):
+            picked = rows[start : start + batch_size]
+            yield {level: torch.from_numpy(np.array(feats[picked])) for level, feats in levels.items()}

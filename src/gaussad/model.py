@@ -103,39 +103,44 @@ class GaussianAD:
     def fit(self, images: ImageSet | Sequence[str | Path], holdout: float = 0.1) -> "GaussianAD":
         """Fit on defect-free images; a seeded `holdout` fraction is kept back to set thresholds."""
         paths = _paths(images)
-        fit_paths, holdout_paths = self._split(paths, holdout)
         with tempfile.TemporaryDirectory(prefix="gaussad-features-") as tmp:
-            store = FeatureStore.write(
-                self.backbone, fit_paths, tmp, self.batch_size, self.progress, "train features"
-            )
-            self.fit_features(store)
-        self.set_normal_thresholds(self.score(holdout_paths or fit_paths))
+            store = FeatureStore.write(self.backbone, paths, tmp, self.batch_size, self.progress, "train features")
+            self.fit_store(store, holdout)
+        return self
+
+    def fit_store(self, store: FeatureStore, holdout: float = 0.1) -> "GaussianAD":
+        """Fit from extracted training features: Gaussians on most rows, thresholds on the held-out rest."""
+        fit_rows, holdout_rows = self.split_rows(len(store), holdout)
+        self.fit_features(store, fit_rows)
+        self.set_normal_thresholds(self.score_store(store, holdout_rows or fit_rows))
         self.fit_info.update(
-            n_train_images=len(fit_paths),
-            n_holdout_images=len(holdout_paths),
-            threshold_source="held-out training images" if holdout_paths else "training images (in-sample)",
+            n_train_images=len(fit_rows),
+            n_holdout_images=len(holdout_rows),
+            threshold_source="held-out training images" if holdout_rows else "training images (in-sample)",
         )
         return self
 
-    def _split(self, paths: list[Path], holdout: float) -> tuple[list[Path], list[Path]]:
+    def split_rows(self, n_images: int, holdout: float) -> tuple[list[int], list[int]]:
+        """Seeded split of training image indices into (fit, held out); no hold-out below 2 fit images."""
         if not 0 <= holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {holdout}")
-        n_holdout = int(round(len(paths) * holdout))
-        if len(paths) - n_holdout < 2:
+        if n_images < 2:
+            raise ValueError(f"fitting needs at least 2 training images, got {n_images}")
+        n_holdout = int(round(n_images * holdout))
+        if n_images - n_holdout < 2:
             n_holdout = 0
-        if len(paths) < 2:
-            raise ValueError(f"fitting needs at least 2 training images, got {len(paths)}")
-        order = np.random.default_rng(self.config["seed"]).permutation(len(paths))
-        held = set(order[:n_holdout].tolist())
-        return [p for i, p in enumerate(paths) if i not in held], [p for i, p in enumerate(paths) if i in held]
+        order = np.random.default_rng(self.config["seed"]).permutation(n_images)
+        held = sorted(order[:n_holdout].tolist())
+        return sorted(order[n_holdout:].tolist()), held
 
-    def fit_features(self, store: FeatureStore) -> "GaussianAD":
-        """Fit the per-level Gaussians from extracted training features."""
+    def fit_features(self, store: FeatureStore, rows: Sequence[int] | None = None) -> "GaussianAD":
+        """Fit the per-level Gaussians from extracted training features (all rows, or `rows`)."""
         device = self.backbone.device
         reduction, variance = self.config["reduction"], self.config["variance"]
         for level in tqdm(self.config["levels"], desc="fitting levels", disable=not self.progress):
-            pooled = lambda level=level: (c.mean((2, 3))[:, None, :] for c in store.chunks(level))  # noqa: E731
-            spatial = lambda level=level: (self._positions(c) for c in store.chunks(level))  # noqa: E731
+            chunks = lambda level=level: store.chunks(level, rows)  # noqa: E731
+            pooled = lambda: (c.mean((2, 3))[:, None, :] for c in chunks())  # noqa: E731
+            spatial = lambda: (self._positions(c) for c in chunks())  # noqa: E731
             self.image_gaussians[level] = fit_gaussian(pooled, reduction, variance, device)
             self.pixel_gaussians[level] = fit_gaussian(spatial, reduction, variance, device)
         self.fit_info["channels"] = {str(level): int(g.mean.shape[1]) for level, g in self.image_gaussians.items()}
@@ -151,32 +156,42 @@ class GaussianAD:
 
     def score(self, images: ImageSet | Sequence[str | Path]) -> Scores:
         """Image scores [N] and pixel maps [N, S, S] for image files."""
-        if not self.image_gaussians:
-            raise RuntimeError("the model is not fitted: call fit() or GaussianAD.load() first")
+        self._require_fitted()
         paths = _paths(images)
-        image_scores, maps = [], []
         total = -(-len(paths) // self.batch_size)
         batches = self.backbone.batches(paths, self.batch_size)
-        for batch in tqdm(batches, total=total, desc="scoring", unit="batch", disable=not self.progress):
-            batch_scores, batch_maps = self.score_batch(batch)
-            image_scores.append(batch_scores)
-            maps.append(batch_maps)
-        return Scores(np.concatenate(image_scores), np.concatenate(maps))
+        progress = tqdm(batches, total=total, desc="scoring", unit="batch", disable=not self.progress)
+        return _concatenate([self.score_batch(batch) for batch in progress])
 
-    @torch.no_grad()
+    def score_store(self, store: FeatureStore, rows: Sequence[int] | None = None) -> Scores:
+        """Scores of images whose features were already extracted (all rows, or `rows`)."""
+        self._require_fitted()
+        return _concatenate([self.score_features(feats) for feats in store.batches(rows, self.batch_size)])
+
     def score_batch(self, images_nchw: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Scores of a preprocessed batch (RGB in [0, 1] at image size): ([n], [n, S, S])."""
+        return self.score_features(self.backbone.extract(images_nchw))
+
+    @torch.no_grad()
+    def score_features(self, feats: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores from {level: [n, C, h, w]} features: ([n] image scores, [n, S, S] maps)."""
         size = self.config["image_size"]
-        feats = self.backbone.extract(images_nchw)
-        image_score = torch.zeros(len(images_nchw), dtype=torch.float64, device=self.backbone.device)
+        device = self.backbone.device
+        image_score = None
         level_maps = []
-        for level, feats_nchw in feats.items():
+        for level in self.config["levels"]:
+            feats_nchw = feats[level].to(device)
             n, _, h, w = feats_nchw.shape
-            image_score += self.image_gaussians[level].mahalanobis(feats_nchw.mean((2, 3))[:, None, :])[:, 0]
+            distance = self.image_gaussians[level].mahalanobis(feats_nchw.mean((2, 3))[:, None, :])[:, 0]
+            image_score = distance if image_score is None else image_score + distance
             distances = self.pixel_gaussians[level].mahalanobis(self._positions(feats_nchw)).reshape(n, 1, h, w)
             level_maps.append(F.interpolate(distances.float(), size=(size, size), mode="bilinear", align_corners=False))
         pixel_map = torch.stack(level_maps).mean(0)[:, 0]
         return image_score.cpu().numpy(), pixel_map.cpu().numpy()
+
+    def _require_fitted(self) -> None:
+        if not self.image_gaussians:
+            raise RuntimeError("the model is not fitted: call fit() or GaussianAD.load() first")
 
     # ---- thresholds ----------------------------------------------------------------------------
 
@@ -280,6 +295,10 @@ class GaussianAD:
                         f"projection {tuple(gaussian.projection.shape)}, but {self.config['backbone']} at "
                         f"{size} px gives {want_groups} group(s) of {channels} channels"
                     )
+
+
+def _concatenate(parts: list[tuple[np.ndarray, np.ndarray]]) -> Scores:
+    return Scores(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
 def _paths(images: ImageSet | Sequence[str | Path]) -> list[Path]:
