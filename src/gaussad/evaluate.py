@@ -1,6 +1,6 @@
 """Evaluate a fitted model on a category's test split and write what a user looks at.
 
-Outputs in one folder: metrics.json, scores.csv (one row per test image), roc.png,
+Outputs in one folder: metrics.json, scores.csv (one row per test image), roc.png + roc.csv,
 histogram.png (normal vs defective scores) and overlays/ (heat maps over a sample of test images).
 Pixel metrics are computed at the model's image size, masks resized there (nearest).
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_curve
 
 from gaussad.data import Category, read_mask, read_rgb
 from gaussad.metrics import aupro, best_balanced_accuracy, f1_optimal_threshold, image_auroc, pixel_auroc
@@ -20,16 +21,24 @@ from gaussad.model import GaussianAD, Scores
 from gaussad.plots import save_overlay, save_roc_curve, save_score_histogram
 
 
-def evaluate(model: GaussianAD, category: Category, out_dir: str | Path, n_overlays: int = 8) -> dict:
-    """Score the test split, compute the metrics, set the model's labelled-data thresholds, write outputs."""
+def evaluate(
+    model: GaussianAD,
+    category: Category,
+    out_dir: str | Path,
+    n_overlays: int = 8,
+    scores: Scores | None = None,
+    score_seconds: float | None = None,
+) -> dict:
+    """Score the test split (or take `scores` computed elsewhere, with the `score_seconds` they took),
+    compute the metrics, set the model's labelled-data thresholds, write the outputs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     test = category.test
     labels = np.asarray(test.labels)
-
-    start = time.perf_counter()
-    scores = model.score(test)
-    seconds = time.perf_counter() - start
+    if scores is None:
+        start = time.perf_counter()
+        scores = model.score(test)
+        score_seconds = time.perf_counter() - start
 
     metrics = {
         "category": category.name,
@@ -37,8 +46,8 @@ def evaluate(model: GaussianAD, category: Category, out_dir: str | Path, n_overl
         "n_defective": int(labels.sum()),
         "image_auroc": image_auroc(labels, scores.image),
         **_pixel_metrics(category, scores, model.config["image_size"]),
-        "score_seconds": round(seconds, 3),
-        "images_per_second": round(len(test) / seconds, 2),
+        "score_seconds": None if score_seconds is None else round(score_seconds, 3),
+        "images_per_second": None if not score_seconds else round(len(test) / score_seconds, 2),
     }
     if 0 < labels.sum() < len(labels):
         threshold, f1 = f1_optimal_threshold(labels, scores.image)
@@ -80,6 +89,8 @@ def _plots(model: GaussianAD, category: Category, scores: Scores, out_dir: Path,
     title = f"{category.name}: {model.config['backbone']}"
     if 0 < labels.sum() < len(labels):
         save_roc_curve(labels, scores.image, out_dir / "roc.png", title)
+        fpr, tpr, _ = roc_curve(labels, scores.image)
+        pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(out_dir / "roc.csv", index=False)
     thresholds = {k: v for k, v in model.thresholds.items() if k.startswith("image_")}
     save_score_histogram(scores.image[labels == 0], scores.image[labels == 1], out_dir / "histogram.png", title,
                          thresholds)

@@ -1,0 +1,286 @@
+"""Prefect flow: per category, extract features -> fit the Gaussians -> evaluate, as cached tasks.
+
+    python flows/train.py --params params.yaml --out outputs/pipeline [--data DIR] [--categories a b]
+
+Every task's result is persisted under the cache folder (default `.gaussad-cache/`, or
+$GAUSSAD_CACHE_DIR) and keyed by what determines it: the *content* of the images (and masks), the
+settings the task uses, and the task's own source code. A rerun with nothing changed computes
+nothing; a change of one category's images recomputes that category; a change of the reduction
+recomputes fitting and evaluation, not extraction. A category that fails (e.g. a corrupt image)
+fails alone: the others finish, their results are kept, and a rerun after the fix resumes from the
+cache. The flow run fails at the end if any category did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.futures import PrefectFuture
+
+from gaussad.data import Category, DatasetError, list_categories, load_category
+from gaussad.evaluate import evaluate
+from gaussad.features import Backbone, FeatureStore
+from gaussad.model import GaussianAD
+
+DEFAULT_CACHE = Path(".gaussad-cache")
+BACKBONE_KEYS = ("backbone", "weights", "levels", "image_size", "seed")
+MODEL_KEYS = BACKBONE_KEYS + ("reduction", "variance", "spatial", "normal_quantile")
+# One extraction or scoring at a time per process: two categories must not fight over one GPU
+# (or oversubscribe the CPU cores). Prefect's thread pool runs the categories' tasks concurrently.
+DEVICE_LOCK = threading.BoundedSemaphore(1)
+
+
+# ---- content keys ------------------------------------------------------------------------------
+
+def file_digest(paths) -> str:
+    """SHA-256 over the bytes of the files, in order; paths and modification times do not count."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if path is None:
+            digest.update(b"<no file>")
+            continue
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"<end of file>")
+    return digest.hexdigest()
+
+
+def test_digest(category: Category) -> str:
+    """Content of the test split: images, masks and labels (defect type names)."""
+    labels = hashlib.sha256(json.dumps(list(category.test.defect_types)).encode()).hexdigest()
+    return hashlib.sha256(
+        (file_digest(category.test.paths) + file_digest(category.test.mask_paths) + labels).encode()
+    ).hexdigest()
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- tasks -------------------------------------------------------------------------------------
+
+@task(cache_policy=INPUTS - "paths" + TASK_SOURCE, persist_result=True, task_run_name="extract-{name}-{split}")
+def extract_features(name: str, split: str, paths: list[str], digest: str, backbone: dict,
+                     batch_size: int, cache_dir: str) -> str:
+    """Features of one split's images -> a FeatureStore folder named by the content and settings."""
+    directory = Path(cache_dir) / "features" / f"{digest[:24]}-{settings_digest(backbone)}"
+    shutil.rmtree(directory, ignore_errors=True)  # an interrupted earlier extraction
+    with DEVICE_LOCK:
+        extractor = Backbone(backbone["backbone"], backbone["weights"], backbone["levels"], backbone["image_size"],
+                             seed=backbone["seed"])
+        FeatureStore.write(extractor, [Path(p) for p in paths], directory, batch_size, progress=False)
+    return str(directory)
+
+
+@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, task_run_name="fit-{name}")
+def fit_model(name: str, train_store: str, settings: dict, holdout: float, cache_dir: str) -> str:
+    """Per-level Gaussians and normal thresholds from the training features -> a model folder."""
+    model_dir = Path(cache_dir) / "models" / f"{Path(train_store).name}-{settings_digest({**settings, 'holdout': holdout})}"
+    with DEVICE_LOCK:
+        model = GaussianAD(**settings, progress=False).fit_store(FeatureStore(train_store), holdout)
+    model.save(model_dir)
+    return str(model_dir)
+
+
+@task(cache_policy=INPUTS - "dataset_root" + TASK_SOURCE, persist_result=True, task_run_name="evaluate-{name}")
+def evaluate_model(name: str, dataset_root: str, model_dir: str, test_store: str, digest: str,
+                   cache_dir: str) -> str:
+    """Metrics, thresholds and pictures on the test split -> an evaluation folder (with the model)."""
+    out = Path(cache_dir) / "evaluations" / f"{Path(model_dir).name}-{digest[:16]}"
+    shutil.rmtree(out, ignore_errors=True)
+    model = GaussianAD.load(model_dir, progress=False)
+    category = load_category(dataset_root, name, validate=False)
+    with DEVICE_LOCK:
+        start = time.perf_counter()
+        scores = model.score_store(FeatureStore(test_store))
+        seconds = time.perf_counter() - start
+    evaluate(model, category, out / "evaluation", scores=scores, score_seconds=seconds)
+    model.save(out / "model")  # with the thresholds calibrated on the labelled test split
+    return str(out)
+
+
+# ---- the flow ----------------------------------------------------------------------------------
+
+@flow(name="gaussad-train", log_prints=True)
+def train(dataset_root: str, categories: list[str] | None = None, config: str = "params.yaml",
+          out_dir: str = "outputs/pipeline", cache_dir: str | None = None) -> dict:
+    """Train and evaluate every category (or `categories`) of a dataset in MVTec AD layout."""
+    logger = get_run_logger()
+    params = yaml.safe_load(Path(config).read_text())
+    settings = {k: params["model"][k] for k in MODEL_KEYS}
+    backbone = {k: settings[k] for k in BACKBONE_KEYS}
+    cache = str(Path(cache_dir or DEFAULT_CACHE).resolve())
+    names = categories or params.get("data", {}).get("categories") or list_categories(dataset_root)
+
+    started = time.perf_counter()
+    futures: dict[str, dict[str, PrefectFuture]] = {}
+    failures: dict[str, str] = {}
+    storage = {"result_storage": Path(cache) / "results"}  # cache records live beside what they point to
+    extract, fit, assess = (t.with_options(**storage) for t in (extract_features, fit_model, evaluate_model))
+    for name in names:
+        try:
+            category = load_category(dataset_root, name)  # decodes every file: a corrupt one fails here
+        except DatasetError as err:
+            failures[name] = str(err)
+            logger.error("category %s failed: %s", name, err)
+            continue
+        train_digest, evaluation_digest = file_digest(category.train.paths), test_digest(category)
+        steps = futures[name] = {}
+        for split, images, digest in (("train", category.train, train_digest), ("test", category.test, evaluation_digest)):
+            steps[split] = extract.submit(
+                name, split, [str(p) for p in images.paths], digest, backbone, params["model"]["batch_size"], cache
+            )
+        steps["fit"] = fit.submit(name, steps["train"], settings, params["model"]["holdout"], cache)
+        steps["evaluate"] = assess.submit(name, dataset_root, steps["fit"], steps["test"], evaluation_digest, cache)
+
+    results, work = {}, {}
+    for name, steps in futures.items():
+        steps["evaluate"].wait()
+        states = {step: future.state for step, future in steps.items()}
+        work[name] = {step: "cached" if state.name == "Cached" else state.name.lower() for step, state in states.items()}
+        if states["evaluate"].is_completed():
+            results[name] = publish(Path(steps["evaluate"].result()), Path(out_dir) / name)
+        else:
+            failed = next(s for s in steps.values() if s.state.is_failed() or s.state.is_crashed())
+            failures[name] = _failure_message(failed)
+            logger.error("category %s failed: %s", name, failures[name])
+
+    summary = write_summary(Path(out_dir), results, failures, work, params, dataset_root,
+                            time.perf_counter() - started)
+    _report(logger, summary)
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(names)} categories failed: "
+                           + "; ".join(f"{k}: {v}" for k, v in failures.items()))
+    return summary
+
+
+def _failure_message(future: PrefectFuture) -> str:
+    try:
+        future.result()
+    except Exception as err:  # the task's own exception, re-raised by result()
+        return f"{type(err).__name__}: {err}"
+    return future.state.message or future.state.name
+
+
+def publish(evaluation: Path, target: Path) -> dict:
+    """Copy a category's cached model and evaluation to the output folder; return its metrics."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(evaluation, target)
+    return json.loads((target / "evaluation" / "metrics.json").read_text())
+
+
+def write_summary(out_dir: Path, results: dict, failures: dict, work: dict, params: dict, dataset_root: str,
+                  seconds: float) -> dict:
+    """metrics.json (per category and mean), plots/roc_<category>.csv and run.json (provenance)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy")
+    per_category = {name: {k: m.get(k) for k in keys} for name, m in sorted(results.items())}
+    mean = {k: _mean([m[k] for m in per_category.values()]) for k in keys}
+    (out_dir / "metrics.json").write_text(json.dumps({"categories": per_category, "mean": mean}, indent=2))
+    plots = out_dir / "plots"
+    shutil.rmtree(plots, ignore_errors=True)
+    plots.mkdir()
+    for name in results:
+        roc = out_dir / name / "evaluation" / "roc.csv"
+        if roc.is_file():
+            shutil.copy(roc, plots / f"roc_{name}.csv")
+    run = {
+        "git_commit": git_commit(),
+        "data": {"root": dataset_root, "dvc_md5": dvc_data_hash(dataset_root)},
+        "params": params,
+        "tasks": work,
+        "failures": failures,
+        "seconds": round(seconds, 2),
+    }
+    (out_dir / "run.json").write_text(json.dumps(run, indent=2))
+    return {"metrics": per_category, "mean": mean, **run}
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def git_commit() -> str | None:
+    """The commit of the code that ran, with '-dirty' when the work tree has changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def dvc_data_hash(dataset_root: str) -> str | None:
+    """The md5 DVC recorded for the dataset folder: in <root>.dvc, or as an output in dvc.lock."""
+    root = Path(dataset_root).resolve()
+    for parent in [root, *root.parents]:
+        pointer = parent.with_suffix(".dvc") if parent.name else None
+        if pointer and pointer.is_file():
+            outs = yaml.safe_load(pointer.read_text()).get("outs", [])
+            if outs:
+                return outs[0].get("md5")
+        lock = parent / "dvc.lock"
+        if lock.is_file():
+            for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+                for out in stage.get("outs", []):
+                    if (parent / out["path"]).resolve() == root:
+                        return out.get("md5")
+    return None
+
+
+def _report(logger, summary: dict) -> None:
+    lines = ["| category | image AUROC | pixel AUROC | AUPRO | extract train | extract test | fit | evaluate |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, metrics in summary["metrics"].items():
+        work = summary["tasks"][name]
+        cells = [_pct(metrics[k]) for k in ("image_auroc", "pixel_auroc", "aupro")]
+        lines.append(f"| {name} | {' | '.join(cells)} | {work['train']} | {work['test']} | {work['fit']} | {work['evaluate']} |")
+    for name, message in summary["failures"].items():
+        lines.append(f"| {name} | failed: {message} | | | | | | |")
+    table = "\n".join(lines)
+    create_markdown_artifact(table, key="gaussad-train-results", description="metrics and task cache use")
+    all_cached = all(v == "cached" for w in summary["tasks"].values() for v in w.values())
+    logger.info("results:\n%s", table)
+    if summary["tasks"] and all_cached:
+        logger.info("nothing recomputed: every task's result came from the cache")
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", help="dataset root (default: data.root in the params file)")
+    parser.add_argument("--categories", nargs="+")
+    parser.add_argument("--out", default="outputs/pipeline")
+    parser.add_argument("--cache-dir", help=f"task cache (default {DEFAULT_CACHE}/)")
+    args = parser.parse_args(argv)
+    params = yaml.safe_load(Path(args.params).read_text())
+    try:
+        train(args.data or params["data"]["root"], args.categories, args.params, args.out, args.cache_dir)
+    except RuntimeError as err:
+        print(f"gaussad-train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
