@@ -40,7 +40,13 @@ BACKBONE_KEYS = ("backbone", "weights", "levels", "image_size", "seed")
 MODEL_KEYS = BACKBONE_KEYS + ("reduction", "variance", "spatial", "normal_quantile")
 # One extraction or scoring at a time per process: two categories must not fight over one GPU
 # (or oversubscribe the CPU cores). Prefect's thread pool runs the categories' tasks concurrently.
-DEVICE_LOCK = threading.BoundedSemaphore(1)
+_DEVICE_LOCK = threading.BoundedSemaphore(1)
+
+
+def device_lock() -> threading.BoundedSemaphore:
+    """This process's device lock. Tasks call this rather than name the lock: a task shipped to a
+    Dask worker is pickled with the globals it names, and a lock cannot be pickled."""
+    return _DEVICE_LOCK
 
 
 # ---- content keys ------------------------------------------------------------------------------
@@ -79,7 +85,7 @@ def extract_features(name: str, split: str, paths: list[str], digest: str, backb
     """Features of one split's images -> a FeatureStore folder named by the content and settings."""
     directory = Path(cache_dir) / "features" / f"{digest[:24]}-{settings_digest(backbone)}"
     shutil.rmtree(directory, ignore_errors=True)  # an interrupted earlier extraction
-    with DEVICE_LOCK:
+    with device_lock():
         extractor = Backbone(backbone["backbone"], backbone["weights"], backbone["levels"], backbone["image_size"],
                              seed=backbone["seed"])
         FeatureStore.write(extractor, [Path(p) for p in paths], directory, batch_size, progress=False)
@@ -90,7 +96,7 @@ def extract_features(name: str, split: str, paths: list[str], digest: str, backb
 def fit_model(name: str, train_store: str, settings: dict, holdout: float, cache_dir: str) -> str:
     """Per-level Gaussians and normal thresholds from the training features -> a model folder."""
     model_dir = Path(cache_dir) / "models" / f"{Path(train_store).name}-{settings_digest({**settings, 'holdout': holdout})}"
-    with DEVICE_LOCK:
+    with device_lock():
         model = GaussianAD(**settings, progress=False).fit_store(FeatureStore(train_store), holdout)
     model.save(model_dir)
     return str(model_dir)
@@ -104,7 +110,7 @@ def evaluate_model(name: str, dataset_root: str, model_dir: str, test_store: str
     shutil.rmtree(out, ignore_errors=True)
     model = GaussianAD.load(model_dir, progress=False)
     category = load_category(dataset_root, name, validate=False)
-    with DEVICE_LOCK:
+    with device_lock():
         start = time.perf_counter()
         scores = model.score_store(FeatureStore(test_store))
         seconds = time.perf_counter() - start
@@ -265,6 +271,16 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def dask_runner(workers: int | None = None, address: str | None = None):
+    """Prefect's Dask task runner: a local cluster of `workers` processes (one thread each, so a
+    worker's torch threads have its core), or the cluster at `address`."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -272,10 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--categories", nargs="+")
     parser.add_argument("--out", default="outputs/pipeline")
     parser.add_argument("--cache-dir", help=f"task cache (default {DEFAULT_CACHE}/)")
+    dask = parser.add_mutually_exclusive_group()
+    dask.add_argument("--dask-workers", type=int, help="run the tasks on a local Dask cluster of N worker processes")
+    dask.add_argument("--dask-address", help="run the tasks on an existing Dask cluster (tcp://host:8786)")
     args = parser.parse_args(argv)
     params = yaml.safe_load(Path(args.params).read_text())
+    flow_to_run = train
+    if args.dask_workers or args.dask_address:
+        flow_to_run = train.with_options(task_runner=dask_runner(args.dask_workers, args.dask_address))
     try:
-        train(args.data or params["data"]["root"], args.categories, args.params, args.out, args.cache_dir)
+        flow_to_run(args.data or params["data"]["root"], args.categories, args.params, args.out, args.cache_dir)
     except RuntimeError as err:
         print(f"gaussad-train: {err}", file=sys.stderr)
         return 1

@@ -111,3 +111,16 @@ def test_corrupt_image_fails_one_category_and_resume_after_fix(project):
     bad.write_bytes(good_bytes)
     run(project)
     assert work(project) == {"weave": dict.fromkeys(STEPS, "cached"), "hexnut": dict.fromkeys(STEPS, "completed")}
+
+
+def test_dask_task_runner_on_a_local_cluster_gives_the_same_results(project, tmp_path):
+    from flows.train import dask_runner
+
+    threads = run(project)
+    on_dask = train.with_options(task_runner=dask_runner(workers=2))
+    dask_summary = on_dask(str(project["data"]), None, str(project["config"]), str(tmp_path / "dask-out"),
+                           str(tmp_path / "dask-cache"))
+    # the same numbers up to float32 round-off (a Dask worker runs torch on one thread, not two)
+    for name, metrics in threads["metrics"].items():
+        assert dask_summary["metrics"][name] == pytest.approx(metrics, rel=1e-5)
+    assert all(state == "completed" for steps in dask_summary["tasks"].values() for state in steps.values())

@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_runtime_arguments(predict)
     predict.set_defaults(run=_predict)
 
+    serve = commands.add_parser("serve", help="retrain on a cron schedule as a Prefect deployment (needs a server)")
+    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
+    serve.add_argument("--data", type=Path, required=True, help="dataset root (MVTec AD layout)")
+    serve.add_argument("--params", type=Path, default=Path("params.yaml"))
+    serve.add_argument("--out", type=Path, default=Path("outputs/pipeline"))
+    serve.add_argument("--cache-dir", type=Path)
+    serve.set_defaults(run=_serve)
+
     demo = commands.add_parser("demo", help="demo data -> fit and evaluate every category -> results table")
     demo.add_argument("--data", type=Path, default=Path("data/demo"))
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"))
@@ -190,6 +198,12 @@ def _threshold(model: GaussianAD, choice: str | None) -> float:
         return float(choice)
     except ValueError:
         raise ValueError(f"--threshold {choice!r} is neither a number nor one of {sorted(model.thresholds)}") from None
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from flows.retrain import serve  # Prefect is imported only by the commands that use it
+
+    serve(args.cron, str(args.data), str(args.params), str(args.out), str(args.cache_dir) if args.cache_dir else None)
 
 
 def _demo(args: argparse.Namespace) -> None:
