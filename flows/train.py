@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from gaussad.evaluate import evaluate
 from gaussad.features import Backbone, FeatureStore
 from gaussad.model import GaussianAD
 
-DEFAULT_CACHE = Path(".gaussad-cache")
+DEFAULT_CACHE = Path(os.environ.get("GAUSSAD_CACHE_DIR", ".gaussad-cache"))
 BACKBONE_KEYS = ("backbone", "weights", "levels", "image_size", "seed")
 MODEL_KEYS = BACKBONE_KEYS + ("reduction", "variance", "spatial", "normal_quantile")
 # One extraction or scoring at a time per process: two categories must not fight over one GPU

@@ -1,0 +1,92 @@
+"""Slow: `gaussad serve --cron` against a real `prefect server start`; a scheduled and a manual run complete."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gaussad.demo import write_demo_dataset
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(2)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def completed_runs(url: str) -> int:
+    """How many flow runs the server at `url` has in state Completed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    completed = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])))
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(flow_run_filter=completed))
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_on_schedule_and_by_hand(tmp_path):
+    data = tmp_path / "data"
+    write_demo_dataset(data, seed=5, categories=["weave"], n_train=6, n_test_good=2, n_test_per_defect=2, image_size=64)
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    params["model"].update(levels=[3], image_size=64)
+    config = tmp_path / "params.yaml"
+    config.write_text(yaml.safe_dump(params))
+
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                               url.split(":")[2].split("/")[0]], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    env["PREFECT_API_URL"] = url
+    served = None
+    try:
+        wait_for(lambda: healthy(url), 120, "prefect server")
+        served = subprocess.Popen([str(BIN / "gaussad"), "serve", "--cron", "* * * * *", "--data", str(data),
+                                   "--params", str(config), "--out", str(tmp_path / "out"),
+                                   "--cache-dir", str(tmp_path / "cache")],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        # the schedule ticks every minute: its first run must complete on its own
+        wait_for(lambda: completed_runs(url) >= 1, 240, "a scheduled run to complete")
+        assert (tmp_path / "out" / "weave" / "model" / "config.json").is_file()
+        manual = subprocess.run([str(BIN / "prefect"), "deployment", "run", "gaussad-train/scheduled"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert manual.returncode == 0, manual.stderr
+        wait_for(lambda: completed_runs(url) >= 2, 180, "the manual run to complete")
+    finally:
+        for process in (served, server):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
