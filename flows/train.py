@@ -66,7 +66,7 @@ def file_digest(paths) -> str:
     return digest.hexdigest()
 
 
-def test_digest(category: Category) -> str:
+def test_split_digest(category: Category) -> str:
     """Content of the test split: images, masks and labels (defect type names)."""
     labels = hashlib.sha256(json.dumps(list(category.test.defect_types)).encode()).hexdigest()
     return hashlib.sha256(
@@ -145,14 +145,14 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
             failures[name] = str(err)
             logger.error("category %s failed: %s", name, err)
             continue
-        train_digest, evaluation_digest = file_digest(category.train.paths), test_digest(category)
+        train_digest, test_digest = file_digest(category.train.paths), test_split_digest(category)
         steps = futures[name] = {}
-        for split, images, digest in (("train", category.train, train_digest), ("test", category.test, evaluation_digest)):
+        for split, images, digest in (("train", category.train, train_digest), ("test", category.test, test_digest)):
             steps[split] = extract.submit(
                 name, split, [str(p) for p in images.paths], digest, backbone, params["model"]["batch_size"], cache
             )
         steps["fit"] = fit.submit(name, steps["train"], settings, params["model"]["holdout"], cache)
-        steps["evaluate"] = assess.submit(name, dataset_root, steps["fit"], steps["test"], evaluation_digest, cache)
+        steps["evaluate"] = assess.submit(name, dataset_root, steps["fit"], steps["test"], test_digest, cache)
 
     results, work = {}, {}
     for name, steps in futures.items():
