@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -148,3 +149,17 @@ def test_console_script_exit_code_and_message(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"gaussad: error: dataset root {tmp_path / 'missing'} does not exist or is not a folder"
+
+
+def test_paper_preset_offline_says_how_to_get_weights(dataset, tmp_path):
+    """The default preset's hub weights cannot be had offline: one clear line, no model folder."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gaussad.cli", "fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), "--quiet"],
+        capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert message.startswith("gaussad: error: cannot load the timm hub weights of 'tf_efficientnet_b4.aa_in1k'")
+    assert "--preset lite0" in message or "package:efficientnet-lite0" in message
+    assert "\n" not in message and not (tmp_path / "m").exists()
