@@ -21,7 +21,8 @@ from gaussad.features import WeightsError
 from gaussad.model import PRESETS, GaussianAD
 from gaussad.plots import save_overlay
 
-USER_ERRORS = (ValueError, WeightsError, FileNotFoundError, NotADirectoryError)
+# OSError: missing files, permissions, a full disk, an unreachable tracking server
+USER_ERRORS = (ValueError, WeightsError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--out", type=Path, default=Path("outputs/pipeline"))
     serve.add_argument("--cache-dir", type=Path)
     serve.set_defaults(run=_serve)
+
+    log = commands.add_parser("log", help="log a pipeline run folder (flows/train.py --out) to MLflow")
+    log.add_argument("run_dir", type=Path)
+    log.add_argument("--experiment", default="gaussad")
+    log.set_defaults(run=_log)
 
     demo = commands.add_parser("demo", help="demo data -> fit and evaluate every category -> results table")
     demo.add_argument("--data", type=Path, default=Path("data/demo"))
@@ -204,6 +210,13 @@ def _serve(args: argparse.Namespace) -> None:
     from flows.retrain import serve  # Prefect is imported only by the commands that use it
 
     serve(args.cron, str(args.data), str(args.params), str(args.out), str(args.cache_dir) if args.cache_dir else None)
+
+
+def _log(args: argparse.Namespace) -> None:
+    from gaussad.tracking import log_run_folder, tracking_uri  # MLflow only for the command that uses it
+
+    run_id = log_run_folder(args.run_dir, args.experiment)
+    print(f"logged {args.run_dir} to {tracking_uri()}, experiment {args.experiment!r}, run {run_id}")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -1,0 +1,106 @@
+"""MLflow tracking of a pipeline run folder: one run for the whole, a nested run per category.
+
+A run folder is what flows/train.py writes (run.json, <category>/model, <category>/evaluation).
+Logging reads only that folder, so a result computed while the tracking server was down is logged
+later with `gaussad log <run folder>`. Without MLFLOW_TRACKING_URI the store is local: SQLite in
+mlflow/mlflow.db and artifacts in mlflow/artifacts, under the current folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+DEFAULT_EXPERIMENT = "gaussad"
+MODEL_PARAMS = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
+                "normal_quantile", "seed")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy", "score_seconds", "images_per_second")
+
+
+class TrackingError(ConnectionError):
+    """The tracking server cannot be used; the message says where the results are and how to log them."""
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, or the local store mlflow/mlflow.db under the current folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow').resolve() / 'mlflow.db'}"
+
+
+def log_run_folder(run_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, uri: str | None = None) -> str:
+    """Log a pipeline run folder to MLflow; return the parent run's id."""
+    run_dir = Path(run_dir)
+    record_path = run_dir / "run.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a pipeline run folder: {record_path.name} is missing")
+    record = json.loads(record_path.read_text())
+    uri = uri or tracking_uri()
+    _check_reachable(uri, run_dir)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = _experiment_id(experiment, uri)
+    dataset = Path(record["data"]["root"]).name
+    shared = {
+        "git_commit": record.get("git_commit"),
+        "dvc_data_md5": record["data"].get("dvc_md5"),
+        "dataset_root": record["data"]["root"],
+        **{f"model.{k}": v for k, v in record["params"]["model"].items()},
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{dataset}-{run_dir.name}") as parent:
+        mlflow.set_tags({"dataset": dataset, "model_type": "gaussian", "kind": "pipeline"})
+        mlflow.log_params(_strings(shared))
+        mlflow.log_metric("pipeline_seconds", record["seconds"])
+        mlflow.log_artifact(str(record_path))
+        for category in sorted(p.name for p in run_dir.iterdir() if (p / "evaluation" / "metrics.json").is_file()):
+            _log_category(run_dir / category, dataset, shared, experiment_id)
+        return parent.info.run_id
+
+
+def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str) -> None:
+    metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
+    config = json.loads((folder / "model" / "config.json").read_text())
+    with mlflow.start_run(experiment_id=experiment_id, run_name=folder.name, nested=True):
+        mlflow.set_tags({"dataset": dataset, "category": folder.name, "model_type": config["model_type"]})
+        mlflow.log_params(_strings({**shared, **{k: config[k] for k in MODEL_PARAMS},
+                                    "n_train_images": config.get("n_train_images")}))
+        values = {k: metrics[k] for k in METRICS if metrics.get(k) is not None}
+        values.update({f"threshold_{k}": v for k, v in metrics["thresholds"].items()})
+        mlflow.log_metrics(values)
+        mlflow.log_artifacts(str(folder / "model"), "model")
+        mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
+
+
+def _strings(params: dict) -> dict:
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    """The experiment's id, creating it with an explicit artifact location for a local store."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current folder
+        location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _check_reachable(uri: str, run_dir: Path) -> None:
+    """Fail fast, with the way out, when an HTTP tracking server does not answer (MLflow would retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except OSError as err:
+        problem = str(getattr(err, "reason", err))
+    raise TrackingError(
+        f"tracking server {uri} is not reachable ({problem}). Nothing is lost: the models and metrics "
+        f"are in {run_dir}; log them once it is up with `gaussad log {run_dir}`"
+    )

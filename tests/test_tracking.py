@@ -1,0 +1,129 @@
+"""MLflow tracking against a real `mlflow server` over HTTP, fed by a real flow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.train import train  # noqa: E402
+from gaussad.cli import main  # noqa: E402
+from gaussad.demo import write_demo_dataset  # noqa: E402
+from gaussad.tracking import TrackingError, log_run_folder  # noqa: E402
+
+BIN = Path(sys.executable).parent
+CATEGORIES = ["weave", "hexnut"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", url.rsplit(":", 1)[1], "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not healthy(url):
+            assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real pipeline run folder: the Prefect flow on two small categories."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    write_demo_dataset(tmp / "data", seed=4, categories=CATEGORIES, n_train=8, n_test_good=3, n_test_per_defect=2,
+                       image_size=64)
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    params["model"].update(levels=[3, 4], image_size=64, batch_size=8)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    with prefect_test_harness(server_startup_timeout=120):
+        train(str(tmp / "data"), None, str(tmp / "params.yaml"), str(tmp / "out"), str(tmp / "cache"))
+    return tmp / "out"
+
+
+def test_pipeline_run_is_logged_with_nested_category_runs(mlflow_server, run_dir):
+    parent_id = log_run_folder(run_dir, experiment="test-nested", uri=mlflow_server)
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(parent_id)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert parent.data.params["git_commit"] == record["git_commit"]
+    assert parent.data.params["model.variance"] == str(record["params"]["model"]["variance"])
+    assert parent.data.tags["dataset"] == "data"
+
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(run.data.tags["category"] for run in children) == sorted(CATEGORIES)
+    for child in children:
+        category = child.data.tags["category"]
+        metrics = json.loads((run_dir / category / "evaluation" / "metrics.json").read_text())
+        for key in ("image_auroc", "pixel_auroc", "aupro", "f1"):
+            assert child.data.metrics[key] == pytest.approx(metrics[key])
+        assert child.data.metrics["threshold_image_normal_quantile"] == pytest.approx(
+            metrics["thresholds"]["image_normal_quantile"])
+        assert child.data.params["reduction"] == "npca" and child.data.params["levels"] == "[3, 4]"
+        assert child.data.tags["model_type"] == "gaussian"
+        model_files = {a.path for a in client.list_artifacts(child.info.run_id, "model")}
+        assert model_files == {"model/config.json", "model/stats.safetensors"}
+        evaluation_files = {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
+        assert {"evaluation/roc.png", "evaluation/scores.csv", "evaluation/histogram.png"} <= evaluation_files
+
+
+def test_unreachable_server_keeps_results_and_says_how_to_log_them_later(mlflow_server, run_dir, monkeypatch, capsys):
+    closed = f"http://127.0.0.1:{free_port()}"
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    with pytest.raises(TrackingError, match=rf"not reachable.*gaussad log {run_dir}"):
+        log_run_folder(run_dir, uri=closed)
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    # later, with the server up: the CLI logs the same folder
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    assert main(["log", str(run_dir), "--experiment", "test-later"]) == 0
+    assert "logged" in capsys.readouterr().out
+    experiment = MlflowClient(mlflow_server).get_experiment_by_name("test-later")
+    assert len(MlflowClient(mlflow_server).search_runs([experiment.experiment_id])) == 1 + len(CATEGORIES)
+
+
+def test_default_store_is_local_sqlite_with_artifacts_beside_it(run_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    run_id = log_run_folder(run_dir)
+    assert (tmp_path / "mlflow" / "mlflow.db").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    assert client.get_run(run_id).info.artifact_uri.startswith((tmp_path / "mlflow" / "artifacts").as_uri())
+    assert list((tmp_path / "mlflow" / "artifacts").rglob("run.json"))
