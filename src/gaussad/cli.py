@@ -153,8 +153,8 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    category = _category(args)  # validated before the model is even loaded
     model = GaussianAD.load(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
-    category = _category(args)
     metrics = evaluate(model, category, args.out, args.overlays)
     model.save(args.model)  # now with the thresholds calibrated on labelled test data
     print(_format_table(pd.DataFrame([_summary_row(metrics)])))
