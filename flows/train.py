@@ -117,6 +117,15 @@ def evaluate_model(name: str, dataset_root: str, model_dir: str, test_store: str
         seconds = time.perf_counter() - start
     evaluate(model, category, out / "evaluation", scores=scores, score_seconds=seconds)
     model.save(out / "model")  # with the thresholds calibrated on the labelled test split
+    timings = {
+        "extract_train_seconds": model.fit_info.get("extract_seconds"),
+        "fit_seconds": model.fit_info.get("fit_seconds"),
+        "extract_test_seconds": FeatureStore(test_store).seconds,
+        "score_seconds": round(seconds, 3),
+        "n_train_images": model.fit_info["n_train_images"] + model.fit_info["n_holdout_images"],
+        "n_test_images": len(category.test),
+    }
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
     return str(out)
 
 
@@ -207,6 +216,7 @@ def write_summary(out_dir: Path, results: dict, failures: dict, work: dict, para
             shutil.copy(roc, plots / f"roc_{name}.csv")
     run = {
         "git_commit": git_commit(),
+        "timings": {name: json.loads((out_dir / name / "timings.json").read_text()) for name in sorted(results)},
         "data": {"root": dataset_root, "dvc_md5": dvc_data_hash(dataset_root)},
         "params": params,
         "tasks": work,

@@ -97,6 +97,12 @@ def test_pipeline_run_is_logged_with_nested_category_runs(mlflow_server, run_dir
             assert child.data.metrics[key] == pytest.approx(metrics[key])
         assert child.data.metrics["threshold_image_normal_quantile"] == pytest.approx(
             metrics["thresholds"]["image_normal_quantile"])
+        timings = json.loads((run_dir / category / "timings.json").read_text())
+        for stage in ("extract_train", "fit", "extract_test", "score"):
+            assert child.data.metrics[f"{stage}_seconds"] == pytest.approx(timings[f"{stage}_seconds"])
+        assert child.data.metrics["extract_train_images_per_second"] == pytest.approx(
+            timings["n_train_images"] / timings["extract_train_seconds"])
+        assert timings["n_train_images"] == 8 and timings["fit_seconds"] > 0
         assert child.data.params["reduction"] == "npca" and child.data.params["levels"] == "[3, 4]"
         assert child.data.tags["model_type"] == "gaussian"
         model_files = {a.path for a in client.list_artifacts(child.info.run_id, "model")}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -248,6 +249,7 @@ class FeatureStore:
         meta = json.loads(meta_path.read_text())
         self.levels: tuple[int, ...] = tuple(meta["levels"])
         self.paths: tuple[str, ...] = tuple(meta["paths"])
+        self.seconds: float | None = meta.get("seconds")  # how long the extraction took
 
     @classmethod
     def write(
@@ -262,6 +264,7 @@ class FeatureStore:
         """Extract the features of `paths` batch by batch, appending each level to its .npy file."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         files: dict[int, BinaryIO] = {}
         batches = backbone.batches(paths, batch_size)
         total = -(-len(paths) // batch_size)
@@ -276,7 +279,8 @@ class FeatureStore:
         finally:
             for file in files.values():
                 file.close()
-        meta = {"levels": list(backbone.levels), "paths": [str(p) for p in paths]}
+        meta = {"levels": list(backbone.levels), "paths": [str(p) for p in paths],
+                "seconds": round(time.perf_counter() - started, 3)}
         (directory / "meta.json").write_text(json.dumps(meta, indent=1))
         return cls(directory)
 

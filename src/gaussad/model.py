@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -110,10 +111,13 @@ class GaussianAD:
 
     def fit_store(self, store: FeatureStore, holdout: float = 0.1) -> "GaussianAD":
         """Fit from extracted training features: Gaussians on most rows, thresholds on the held-out rest."""
+        started = time.perf_counter()
         fit_rows, holdout_rows = self.split_rows(len(store), holdout)
         self.fit_features(store, fit_rows)
         self.set_normal_thresholds(self.score_store(store, holdout_rows or fit_rows))
         self.fit_info.update(
+            fit_seconds=round(time.perf_counter() - started, 3),
+            extract_seconds=store.seconds,
             n_train_images=len(fit_rows),
             n_holdout_images=len(holdout_rows),
             threshold_source="held-out training images" if holdout_rows else "training images (in-sample)",

@@ -68,9 +68,23 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str) 
                                     "n_train_images": config.get("n_train_images")}))
         values = {k: metrics[k] for k in METRICS if metrics.get(k) is not None}
         values.update({f"threshold_{k}": v for k, v in metrics["thresholds"].items()})
+        values.update(_stage_times(folder / "timings.json"))
         mlflow.log_metrics(values)
         mlflow.log_artifacts(str(folder / "model"), "model")
         mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
+
+
+def _stage_times(path: Path) -> dict:
+    """Seconds per stage (extraction, fit, scoring) and throughput, when the flow recorded them."""
+    if not path.is_file():
+        return {}
+    timings = json.loads(path.read_text())
+    values = {k: v for k, v in timings.items() if k.endswith("_seconds") and v is not None}
+    for split in ("train", "test"):
+        seconds = timings.get(f"extract_{split}_seconds")
+        if seconds:
+            values[f"extract_{split}_images_per_second"] = timings[f"n_{split}_images"] / seconds
+    return values
 
 
 def _strings(params: dict) -> dict:
