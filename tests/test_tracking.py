@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,17 +67,59 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A real pipeline run folder: the Prefect flow on two small categories."""
+def flow_runs(tmp_path_factory, mlflow_server) -> dict:
+    """The real Prefect flow on two small categories, tracking to the server, then to a closed port."""
     tmp = tmp_path_factory.mktemp("pipeline")
     write_demo_dataset(tmp / "data", seed=4, categories=CATEGORIES, n_train=8, n_test_good=3, n_test_per_defect=2,
                        image_size=64)
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     params["model"].update(levels=[3, 4], image_size=64, batch_size=8)
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    arguments = (str(tmp / "data"), None, str(tmp / "params.yaml"))
+    runs = {}
     with prefect_test_harness(server_startup_timeout=120):
-        train(str(tmp / "data"), None, str(tmp / "params.yaml"), str(tmp / "out"), str(tmp / "cache"))
-    return tmp / "out"
+        with tracking_to(mlflow_server):
+            runs["summary"] = train(*arguments, str(tmp / "out"), str(tmp / "cache"), track=True, experiment="flow")
+        with tracking_to(f"http://127.0.0.1:{free_port()}"), pytest.raises(TrackingError) as refused:
+            train(*arguments, str(tmp / "out-offline"), str(tmp / "cache"), track=True)
+    runs.update(out=tmp / "out", offline_out=tmp / "out-offline", refused=str(refused.value))
+    return runs
+
+
+@contextmanager
+def tracking_to(uri: str):
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="module")
+def run_dir(flow_runs) -> Path:
+    return flow_runs["out"]
+
+
+def test_flow_logs_one_run_with_a_nested_run_per_category(mlflow_server, flow_runs):
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("flow")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = client.get_run(flow_runs["summary"]["mlflow_run_id"])
+    assert len(runs) == 1 + len(CATEGORIES) and parent.data.tags["kind"] == "pipeline"
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.data.tags["category"] for run in children) == sorted(CATEGORIES)
+
+
+def test_flow_with_tracking_server_down_fails_clearly_and_keeps_the_models(mlflow_server, flow_runs):
+    out = flow_runs["offline_out"]
+    assert "not reachable" in flow_runs["refused"] and f"gaussad log {out}" in flow_runs["refused"]
+    for name in CATEGORIES:
+        assert (out / name / "model" / "stats.safetensors").is_file()
+    assert log_run_folder(out, experiment="logged-later", uri=mlflow_server)
 
 
 def test_pipeline_run_is_logged_with_nested_category_runs(mlflow_server, run_dir):
