@@ -26,15 +26,21 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
-from prefect.futures import PrefectFuture
 
-from gaussad.data import Category, DatasetError, list_categories, load_category
-from gaussad.evaluate import evaluate
-from gaussad.features import Backbone, FeatureStore
-from gaussad.model import GaussianAD
+# Prefect's ephemeral server needs 20-26 s to start on a fresh PREFECT_HOME here, past its 20 s
+# default; and its analytics would call out to the internet. Users' own settings win.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
+from prefect.futures import PrefectFuture  # noqa: E402
+
+from gaussad.data import Category, DatasetError, list_categories, load_category  # noqa: E402
+from gaussad.evaluate import evaluate  # noqa: E402
+from gaussad.features import Backbone, FeatureStore  # noqa: E402
+from gaussad.model import GaussianAD  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("GAUSSAD_CACHE_DIR", ".gaussad-cache"))
 BACKBONE_KEYS = ("backbone", "weights", "levels", "image_size", "seed")

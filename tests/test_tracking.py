@@ -110,6 +110,7 @@ def test_flow_logs_one_run_with_a_nested_run_per_category(mlflow_server, flow_ru
     runs = client.search_runs([experiment.experiment_id])
     parent = client.get_run(flow_runs["summary"]["mlflow_run_id"])
     assert len(runs) == 1 + len(CATEGORIES) and parent.data.tags["kind"] == "pipeline"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI shows runs
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(run.data.tags["category"] for run in children) == sorted(CATEGORIES)
 

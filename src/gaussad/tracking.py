@@ -17,6 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 DEFAULT_EXPERIMENT = "gaussad"
+EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_PARAMS = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
                 "normal_quantile", "seed")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy", "score_seconds", "images_per_second")
@@ -100,7 +101,8 @@ def _experiment_id(name: str, uri: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current folder
         location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    # without this tag MLflow 3's UI opens the experiment on its GenAI (traces) pages, not the runs
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"})
 
 
 def _check_reachable(uri: str, run_dir: Path) -> None:
