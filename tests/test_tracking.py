@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,23 +23,10 @@ from flows.train import train  # noqa: E402
 from gaussad.cli import main  # noqa: E402
 from gaussad.demo import write_demo_dataset  # noqa: E402
 from gaussad.tracking import TrackingError, log_run_folder  # noqa: E402
+from servers import free_port, healthy  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CATEGORIES = ["weave", "hexnut"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
