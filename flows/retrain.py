@@ -1,12 +1,14 @@
-"""Scheduled retraining: serve the train flow as a Prefect deployment on a cron schedule.
+"""Scheduled retraining: train, log and register every category, then promote where as good.
 
     prefect server start                                          # terminal 1: the API and the UI
     export PREFECT_API_URL=http://127.0.0.1:4200/api              # terminal 2
     gaussad serve --cron "0 3 * * *" --data data/mvtec --params params.yaml --out outputs/pipeline
 
-The deployment `gaussad-train/scheduled` runs at each cron tick and can also be started by hand
-(`prefect deployment run gaussad-train/scheduled`, or "Run" in the UI at http://127.0.0.1:4200).
-Runs, task states (cached or computed) and the results artifact are in the UI's Runs page.
+The deployment `gaussad-retrain/scheduled` runs at each cron tick and can also be started by hand
+(`prefect deployment run gaussad-retrain/scheduled`, or "Run" in the UI at http://127.0.0.1:4200).
+Each run is the train flow with tracking (MLFLOW_TRACKING_URI, else mlflow/), which registers
+each new model as `challenger`, then the promote flow on those registered models. Runs, task
+states (cached or computed) and the results artifact are in the UI's Runs page.
 `serve` needs a real server: on Prefect's ephemeral one it refuses to schedule.
 """
 
@@ -14,19 +16,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect import flow
+
+from flows.promote import promote_models
 from flows.train import train
 
 DEPLOYMENT = "scheduled"
 
 
+@flow(name="gaussad-retrain", log_prints=True)
+def retrain(dataset_root: str, config: str = "params.yaml", out_dir: str = "outputs/pipeline",
+            cache_dir: str | None = None, experiment: str = "gaussad", metric: str = "image_auroc") -> list[dict]:
+    """Train with tracking and registration, then promote each category's challenger on `metric`."""
+    summary = train(dataset_root, None, config, out_dir, cache_dir, track=True, experiment=experiment)
+    names = sorted({version.rsplit("/", 1)[0] for version in summary["registered"].values()})
+    return promote_models(names, metric)
+
+
 def serve(cron: str, dataset_root: str, config: str = "params.yaml", out_dir: str = "outputs/pipeline",
           cache_dir: str | None = None, name: str = DEPLOYMENT) -> None:
-    """Block, serving the train flow on `cron`; scheduled and manual runs execute in this process."""
+    """Block, serving the retrain flow on `cron`; scheduled and manual runs execute in this process."""
     parameters = {
         "dataset_root": str(Path(dataset_root).resolve()),
         "config": str(Path(config).resolve()),
         "out_dir": str(Path(out_dir).resolve()),
         "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
     }
-    train.serve(name=name, cron=cron, parameters=parameters, tags=["gaussad"],
-                description="Retrain and evaluate every category on a schedule (gaussad)")
+    retrain.serve(name=name, cron=cron, parameters=parameters, tags=["gaussad"],
+                  description="Retrain, register and promote every category on a schedule (gaussad)")

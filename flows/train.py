@@ -142,7 +142,8 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
           out_dir: str = "outputs/pipeline", cache_dir: str | None = None, track: bool = False,
           experiment: str = "gaussad") -> dict:
     """Train and evaluate every category (or `categories`) of a dataset in MVTec AD layout; with
-    `track`, log the run to MLflow (MLFLOW_TRACKING_URI, else the local store in mlflow/)."""
+    `track`, log the run to MLflow (MLFLOW_TRACKING_URI, else the local store in mlflow/) and
+    register each category's model as the `challenger` of `gaussad-<dataset>-<category>`."""
     logger = get_run_logger()
     params = yaml.safe_load(Path(config).read_text())
     settings = {k: params["model"][k] for k in MODEL_KEYS}
@@ -189,8 +190,10 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
     if track:
         from gaussad.tracking import log_run_folder  # MLflow is imported only when tracking
 
-        summary["mlflow_run_id"] = log_run_folder(out_dir, experiment)  # TrackingError: results stay on disk
-        logger.info("logged to MLflow: experiment %r, run %s", experiment, summary["mlflow_run_id"])
+        logged = log_run_folder(out_dir, experiment)  # TrackingError: results stay on disk
+        summary.update(mlflow_run_id=logged.run_id, registered=logged.versions)
+        logger.info("logged to MLflow: experiment %r, run %s; registered %s (new: %s)", experiment, logged.run_id,
+                    ", ".join(logged.versions.values()) or "nothing", ", ".join(logged.new_versions) or "none")
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(names)} categories failed: "
                            + "; ".join(f"{k}: {v}" for k, v in failures.items()))

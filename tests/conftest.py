@@ -1,10 +1,17 @@
-"""Shared fixtures: a tiny demo dataset written once per test session."""
+"""Shared fixtures: a tiny demo dataset written once per test session; a real MLflow server."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from gaussad.demo import write_demo_dataset
+from servers import free_port, healthy, wait_for
 
 _DEMO_SPEC = {
     "n_train": 20,
@@ -37,3 +44,26 @@ def demo_root(tmp_path_factory):
         image_size=spec["image_size"],
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """URL of a real `mlflow server` (SQLite backend, proxied artifacts in a temp dir), one per session."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    # the server's job runner would outlive it by ~20 s (TOOLING.md); one worker starts in ~10 s
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: healthy(url) or server.poll() is not None, 120, "mlflow server")
+        assert server.poll() is None, "mlflow server exited at start"
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import urllib.request
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -32,3 +34,17 @@ def wait_for(check, seconds: float, what: str):
             return result
         time.sleep(2)
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+@contextmanager
+def tracking_to(uri: str):
+    """MLFLOW_TRACKING_URI set to `uri` inside the block, as a user would export it."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,39 +11,18 @@ import yaml
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.train import train  # noqa: E402
 from gaussad.cli import main  # noqa: E402
 from gaussad.demo import write_demo_dataset  # noqa: E402
+from gaussad.registry import model_digest  # noqa: E402
 from gaussad.tracking import TrackingError, log_run_folder  # noqa: E402
-from servers import free_port, healthy  # noqa: E402
+from servers import free_port, tracking_to  # noqa: E402
 
-BIN = Path(sys.executable).parent
 CATEGORIES = ["weave", "hexnut"]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    url = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", url.rsplit(":", 1)[1], "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not healthy(url):
-            assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
-            time.sleep(1)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +45,6 @@ def flow_runs(tmp_path_factory, mlflow_server) -> dict:
     return runs
 
 
-@contextmanager
-def tracking_to(uri: str):
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["MLFLOW_TRACKING_URI"]
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
-
-
 @pytest.fixture(scope="module")
 def run_dir(flow_runs) -> Path:
     return flow_runs["out"]
@@ -100,6 +61,26 @@ def test_flow_logs_one_run_with_a_nested_run_per_category(mlflow_server, flow_ru
     assert sorted(run.data.tags["category"] for run in children) == sorted(CATEGORIES)
 
 
+def test_flow_registers_each_category_model_as_its_challenger(mlflow_server, flow_runs):
+    client = MlflowClient(mlflow_server)
+    assert flow_runs["summary"]["registered"] == {c: f"gaussad-data-{c}/1" for c in CATEGORIES}
+    for category in CATEGORIES:
+        name, folder = f"gaussad-data-{category}", flow_runs["out"] / category
+        version = client.get_model_version_by_alias(name, "challenger")
+        metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
+        assert version.version == "1" and version.tags["category"] == category
+        assert version.tags["model_type"] == "gaussian" and version.tags["dataset"] == "data"
+        assert version.tags["model_digest"] == model_digest(folder / "model")
+        assert float(version.tags["metric.image_auroc"]) == pytest.approx(metrics["image_auroc"])
+        assert client.get_run(version.run_id).data.tags["category"] == category  # linked to its nested run
+        info = mlflow.models.get_model_info(f"models:/{name}/1")
+        assert info.signature.inputs.input_names() == ["image"] and info.saved_input_example_info is not None
+        files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", tracking_uri=mlflow_server))
+        stored = {p.relative_to(files).as_posix() for p in files.rglob("*") if p.is_file()}
+        assert {"artifacts/model/config.json", "artifacts/model/stats.safetensors", "MLmodel"} <= stored
+        assert not [p for p in stored if p.endswith((".pkl", ".pickle", ".cloudpickle"))]  # model from code
+
+
 def test_flow_with_tracking_server_down_fails_clearly_and_keeps_the_models(mlflow_server, flow_runs):
     out = flow_runs["offline_out"]
     assert "not reachable" in flow_runs["refused"] and f"gaussad log {out}" in flow_runs["refused"]
@@ -109,7 +90,7 @@ def test_flow_with_tracking_server_down_fails_clearly_and_keeps_the_models(mlflo
 
 
 def test_pipeline_run_is_logged_with_nested_category_runs(mlflow_server, run_dir):
-    parent_id = log_run_folder(run_dir, experiment="test-nested", uri=mlflow_server)
+    parent_id = log_run_folder(run_dir, experiment="test-nested", uri=mlflow_server, register=False).run_id
     client = MlflowClient(mlflow_server)
     parent = client.get_run(parent_id)
     record = json.loads((run_dir / "run.json").read_text())
@@ -157,7 +138,7 @@ def test_unreachable_server_keeps_results_and_says_how_to_log_them_later(mlflow_
 def test_default_store_is_local_sqlite_with_artifacts_beside_it(run_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    run_id = log_run_folder(run_dir)
+    run_id = log_run_folder(run_dir, register=False).run_id
     assert (tmp_path / "mlflow" / "mlflow.db").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     assert client.get_run(run_id).info.artifact_uri.startswith((tmp_path / "mlflow" / "artifacts").as_uri())

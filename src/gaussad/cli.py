@@ -80,10 +80,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", type=Path)
     serve.set_defaults(run=_serve)
 
-    log = commands.add_parser("log", help="log a pipeline run folder (flows/train.py --out) to MLflow")
+    log = commands.add_parser("log", help="log a pipeline run folder (flows/train.py --out) to MLflow and "
+                                          "register its models")
     log.add_argument("run_dir", type=Path)
     log.add_argument("--experiment", default="gaussad")
+    log.add_argument("--no-register", dest="register", action="store_false", help="log runs only")
     log.set_defaults(run=_log)
+
+    promote = commands.add_parser("promote", help="make a registered model's challenger the champion if it is "
+                                                  "at least as good on the same test data")
+    promote.add_argument("name", help="registered model, e.g. gaussad-mvtec-bottle")
+    promote.add_argument("--metric", default="image_auroc",
+                         choices=("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy"))
+    promote.add_argument("--data", type=Path, help="dataset root to compare on (default: the challenger's)")
+    promote.add_argument("--force", action="store_true", help="promote whatever the comparison says")
+    promote.set_defaults(run=_promote)
 
     demo = commands.add_parser("demo", help="demo data -> fit and evaluate every category -> results table")
     demo.add_argument("--data", type=Path, default=Path("data/demo"))
@@ -215,8 +226,20 @@ def _serve(args: argparse.Namespace) -> None:
 def _log(args: argparse.Namespace) -> None:
     from gaussad.tracking import log_run_folder, tracking_uri  # MLflow only for the command that uses it
 
-    run_id = log_run_folder(args.run_dir, args.experiment)
-    print(f"logged {args.run_dir} to {tracking_uri()}, experiment {args.experiment!r}, run {run_id}")
+    logged = log_run_folder(args.run_dir, args.experiment, register=args.register)
+    print(f"logged {args.run_dir} to {tracking_uri()}, experiment {args.experiment!r}, run {logged.run_id}")
+    for category, version in logged.versions.items():
+        name = version.rsplit("/", 1)[0]
+        print(f"  {category}: {version} ({'new challenger' if name in logged.new_versions else 'already registered'})")
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from gaussad.registry import promote  # MLflow only for the commands that use it
+    from gaussad.tracking import tracking_uri
+
+    decision = promote(args.name, args.metric, str(args.data) if args.data else None, args.force, tracking_uri())
+    outcome = "promoted to champion" if decision.promoted else "not promoted"
+    print(f"{decision.name} version {decision.challenger}: {outcome}: {decision.reason}")
 
 
 def _demo(args: argparse.Namespace) -> None:

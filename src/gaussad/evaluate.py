@@ -40,25 +40,36 @@ def evaluate(
         scores = model.score(test)
         score_seconds = time.perf_counter() - start
 
-    metrics = {
-        "category": category.name,
-        "n_test_images": len(test),
-        "n_defective": int(labels.sum()),
-        "image_auroc": image_auroc(labels, scores.image),
-        **_pixel_metrics(category, scores, model.config["image_size"]),
-        "score_seconds": None if score_seconds is None else round(score_seconds, 3),
-        "images_per_second": None if not score_seconds else round(len(test) / score_seconds, 2),
-    }
+    metrics = test_metrics(category, scores, model.config["image_size"])
+    metrics.update(
+        score_seconds=None if score_seconds is None else round(score_seconds, 3),
+        images_per_second=None if not score_seconds else round(len(test) / score_seconds, 2),
+    )
     if 0 < labels.sum() < len(labels):
-        threshold, f1 = f1_optimal_threshold(labels, scores.image)
-        balanced_threshold, balanced = best_balanced_accuracy(labels, scores.image)
-        model.thresholds.update(image_f1_optimal=threshold, image_balanced_accuracy=balanced_threshold)
-        metrics.update(f1=f1, balanced_accuracy=balanced)
+        model.thresholds.update(image_f1_optimal=f1_optimal_threshold(labels, scores.image)[0],
+                                image_balanced_accuracy=best_balanced_accuracy(labels, scores.image)[0])
     metrics["thresholds"] = dict(model.thresholds)
 
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _scores_table(category, scores, model.decision_threshold).to_csv(out_dir / "scores.csv", index=False)
     _plots(model, category, scores, out_dir, n_overlays)
+    return metrics
+
+
+def test_metrics(category: Category, scores: Scores, size: int) -> dict:
+    """Image AUROC, pixel AUROC, AUPRO and, with both classes present, the best F1 and balanced
+    accuracy of the test split's `scores` (maps at `size` px)."""
+    labels = np.asarray(category.test.labels)
+    metrics = {
+        "category": category.name,
+        "n_test_images": len(labels),
+        "n_defective": int(labels.sum()),
+        "image_auroc": image_auroc(labels, scores.image),
+        **_pixel_metrics(category, scores, size),
+    }
+    if 0 < labels.sum() < len(labels):
+        metrics.update(f1=f1_optimal_threshold(labels, scores.image)[1],
+                       balanced_accuracy=best_balanced_accuracy(labels, scores.image)[1])
     return metrics
 
 

@@ -301,6 +301,18 @@ class GaussianAD:
                     )
 
 
+def load_model(directory: str | Path, **options):
+    """Load a saved model of any type (Gaussian or PIADE), as its config.json says; `options` are
+    those of the type's `load` (device, progress, batch_size)."""
+    directory = Path(directory)
+    model_type = _read_json(directory / "config.json").get("model_type")
+    if model_type == "piade":
+        from gaussad.piade import PiadeAD  # the network code is loaded only for PIADE models
+
+        return PiadeAD.load(directory, **options)
+    return GaussianAD.load(directory, **options)
+
+
 def _concatenate(parts: list[tuple[np.ndarray, np.ndarray]]) -> Scores:
     return Scores(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
@@ -320,14 +332,18 @@ def _replace_folder(new: Path, target: Path) -> None:
         new.rename(target)
 
 
-def _read_config(directory: Path) -> dict:
-    path = directory / "config.json"
+def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise ModelFileError(f"{directory} is not a gaussad model folder: {path.name} is missing")
+        raise ModelFileError(f"{path.parent} is not a gaussad model folder: {path.name} is missing")
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ModelFileError(f"{path} is not valid JSON: {err}") from None
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    config = _read_json(path)
     if config.get("model_type") != "gaussian":
         raise ModelFileError(f"{path}: model_type {config.get('model_type')!r} is not 'gaussian'")
     if config.get("format_version") != FORMAT_VERSION:

@@ -2,7 +2,7 @@
 
 A run folder is what flows/train.py writes (run.json, <category>/model, <category>/evaluation).
 Logging reads only that folder, so a result computed while the tracking server was down is logged
-later with `gaussad log <run folder>`. Without MLFLOW_TRACKING_URI the store is local: SQLite in
+later with `gaussad log <run folder>`. Each category's model is also registered (gaussad.registry). Without MLFLOW_TRACKING_URI the store is local: SQLite in
 mlflow/mlflow.db and artifacts in mlflow/artifacts, under the current folder.
 """
 
@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from gaussad.registry import register_model
 
 DEFAULT_EXPERIMENT = "gaussad"
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -27,13 +30,21 @@ class TrackingError(ConnectionError):
     """The tracking server cannot be used; the message says where the results are and how to log them."""
 
 
+@dataclass
+class LoggedRun:
+    run_id: str  # the pipeline's (parent) run
+    versions: dict[str, str] = field(default_factory=dict)  # category -> "<registered name>/<version>"
+    new_versions: list[str] = field(default_factory=list)  # registered names that got a new version
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, or the local store mlflow/mlflow.db under the current folder."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow').resolve() / 'mlflow.db'}"
 
 
-def log_run_folder(run_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, uri: str | None = None) -> str:
-    """Log a pipeline run folder to MLflow; return the parent run's id."""
+def log_run_folder(run_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, uri: str | None = None,
+                   register: bool = True) -> LoggedRun:
+    """Log a pipeline run folder to MLflow and (with `register`) register each category's model."""
     run_dir = Path(run_dir)
     record_path = run_dir / "run.json"
     if not record_path.is_file():
@@ -50,17 +61,29 @@ def log_run_folder(run_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, ur
         "dataset_root": record["data"]["root"],
         **{f"model.{k}": v for k, v in record["params"]["model"].items()},
     }
+    client = MlflowClient(uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{dataset}-{run_dir.name}") as parent:
-        mlflow.set_tags({"dataset": dataset, "model_type": "gaussian", "kind": "pipeline"})
+        logged = LoggedRun(parent.info.run_id)
+        mlflow.set_tags({"dataset": dataset, "model_type": record["params"]["model"].get("model_type", "gaussian"),
+                         "kind": "pipeline"})
         mlflow.log_params(_strings(shared))
         mlflow.log_metric("pipeline_seconds", record["seconds"])
         mlflow.log_artifact(str(record_path))
         for category in sorted(p.name for p in run_dir.iterdir() if (p / "evaluation" / "metrics.json").is_file()):
-            _log_category(run_dir / category, dataset, shared, experiment_id)
-        return parent.info.run_id
+            registered = _log_category(run_dir / category, dataset, shared, experiment_id,
+                                       record["data"]["root"] if register else None, client)
+            if registered:
+                name, version, new = registered
+                logged.versions[category] = f"{name}/{version}"
+                if new:
+                    logged.new_versions.append(name)
+        return logged
 
 
-def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str) -> None:
+def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, register_from: str | None,
+                  client: MlflowClient) -> tuple[str, str, bool] | None:
+    """The category's nested run; with `register_from` (the dataset root), also register its model
+    and return (registered name, version, whether new)."""
     metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
     config = json.loads((folder / "model" / "config.json").read_text())
     with mlflow.start_run(experiment_id=experiment_id, run_name=folder.name, nested=True):
@@ -73,6 +96,9 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str) 
         mlflow.log_metrics(values)
         mlflow.log_artifacts(str(folder / "model"), "model")
         mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
+        if register_from is not None:
+            return register_model(folder / "model", dataset, folder.name, register_from, metrics, client)
+    return None
 
 
 def _stage_times(path: Path) -> dict:

@@ -1,0 +1,197 @@
+"""The MLflow model registry: every fitted category model is a pyfunc version, promoted by alias.
+
+One registered model per dataset and category, `gaussad-<dataset>-<category>`, whatever the model
+type, so a PIADE model and a Gaussian one compete for the same `champion` alias. A new version
+gets the alias `challenger`; `promote` scores challenger and champion on the same test images and
+moves `champion` only if the challenger is at least as good on the chosen metric (or `force`),
+writing the figures and the reason into the challenger version's tags and description.
+
+A version holds the model folder as its only artifact (config.json + safetensors, no pickle) and
+gaussad/pyfunc_model.py as its code (MLflow "model from code"). A model already registered under
+the same name, identical tensor for tensor, is not registered again: a cached pipeline rerun or a
+second `gaussad log` of one folder adds no duplicate versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+from PIL import Image
+
+from gaussad import __version__
+from gaussad.data import load_category
+from gaussad.evaluate import test_metrics
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PROMOTION_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy")
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", "image")]),  # paths and arrays pass too, in-process
+    outputs=Schema([ColSpec("double", "score"), ColSpec("string", "label"), ColSpec("double", "threshold"),
+                    ColSpec(Array(Array("float")), "map", required=False)]),
+    params=ParamSchema([ParamSpec("return_maps", "boolean", True)]),
+)
+
+
+def registered_name(dataset: str, category: str) -> str:
+    return f"gaussad-{dataset}-{category}"
+
+
+def model_digest(model_dir: Path) -> str:
+    """SHA-256 of the model's type and tensors: equal for the same fit, whatever its timings."""
+    config = json.loads((model_dir / "config.json").read_text())
+    digest = hashlib.sha256(config["model_type"].encode())
+    for tensors in sorted(model_dir.glob("*.safetensors")):
+        digest.update(tensors.read_bytes())
+    return digest.hexdigest()
+
+
+def register_model(model_dir: Path, dataset: str, category: str, dataset_root: str, metrics: dict,
+                   client: MlflowClient) -> tuple[str, str, bool]:
+    """In the active run: log the model folder as a pyfunc model and register it as the challenger.
+    Returns (registered name, version, whether the version is new)."""
+    name = registered_name(dataset, category)
+    digest = model_digest(model_dir)
+    existing = _version_with_digest(client, name, digest)
+    if existing is not None:
+        return name, existing.version, False
+    config = json.loads((model_dir / "config.json").read_text())
+    info = mlflow.pyfunc.log_model(
+        name="pyfunc",
+        python_model=str(PYFUNC_CODE),
+        artifacts={"model": str(model_dir)},
+        signature=SIGNATURE,
+        input_example=_input_example(config["image_size"]),
+        pip_requirements=_requirements(),
+    )
+    version = mlflow.register_model(info.model_uri, name, tags={
+        "dataset": dataset, "category": category, "dataset_root": dataset_root,
+        "model_type": config["model_type"], "model_digest": digest,
+        **{f"metric.{k}": str(metrics[k]) for k in PROMOTION_METRICS if metrics.get(k) is not None},
+    })
+    client.set_registered_model_tag(name, "dataset", dataset)
+    client.set_registered_model_tag(name, "category", category)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return name, version.version, True
+
+
+def _version_with_digest(client: MlflowClient, name: str, digest: str):
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and tags.model_digest = '{digest}'")
+    except MlflowException:
+        return None
+    return versions[0] if versions else None
+
+
+def _input_example(image_size: int) -> pd.DataFrame:
+    """One encoded PNG (mid grey, the model's size): what a client posts."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((image_size, image_size, 3), 128, np.uint8)).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [buffer.getvalue()]})
+
+
+def _requirements() -> list[str]:
+    """gaussad and its run-time dependencies, as installed here (MLflow would otherwise import the
+    model in a subprocess to guess them)."""
+    requirements = importlib.metadata.requires("gaussad") or []
+    return [f"gaussad=={__version__}", *(r for r in requirements if "extra ==" not in r)]
+
+
+# ---- promotion ---------------------------------------------------------------------------------
+
+@dataclass
+class Promotion:
+    name: str
+    challenger: str  # version
+    champion: str | None  # the champion version before this decision
+    metric: str
+    challenger_value: float | None
+    champion_value: float | None
+    promoted: bool
+    reason: str
+
+
+def promote(name: str, metric: str = "image_auroc", dataset_root: str | None = None, force: bool = False,
+            uri: str | None = None) -> Promotion:
+    """Make the `challenger` version `champion` if it scores at least as well as the current
+    champion on `metric`, both scored now on the same test split (`dataset_root`, by default the
+    challenger's own). `force` promotes whatever the figures say."""
+    if metric not in PROMOTION_METRICS:
+        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(PROMOTION_METRICS)}")
+    uri = uri or mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # the versions are loaded from the same store
+    client = MlflowClient(uri)
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as err:
+        raise ValueError(f"no registered model {name!r} in {uri}: {err.message}") from None
+    if CHALLENGER not in aliases:
+        raise ValueError(f"registered model {name!r} has no {CHALLENGER!r} version to promote")
+    challenger = client.get_model_version(name, str(aliases[CHALLENGER]))
+    champion = client.get_model_version(name, str(aliases[CHAMPION])) if CHAMPION in aliases else None
+    challenger_value = champion_value = None
+    if champion is None:
+        promoted, reason = True, f"version {challenger.version} is the first champion of {name}"
+    elif champion.version == challenger.version:
+        promoted, reason = False, f"version {challenger.version} is already the champion"
+    else:
+        root = dataset_root or challenger.tags["dataset_root"]
+        category = load_category(root, challenger.tags["category"])  # validated before any scoring
+        challenger_value = _score_version(name, challenger.version, category, metric)
+        champion_value = _score_version(name, champion.version, category, metric)
+        on = f"on {len(category.test)} test images of {root}/{category.name}"
+        if champion_value is not None and (challenger_value is None or challenger_value < champion_value):
+            promoted = False
+            reason = (f"{metric} {_format(challenger_value)} < champion v{champion.version}'s "
+                      f"{_format(champion_value)} {on}")
+        else:
+            promoted = True
+            reason = (f"{metric} {_format(challenger_value)} >= champion v{champion.version}'s "
+                      f"{_format(champion_value)} {on}")
+    if force and not promoted and champion is not None and champion.version != challenger.version:
+        promoted, reason = True, f"forced: {reason}"
+    decision = Promotion(name, challenger.version, champion.version if champion else None, metric,
+                         challenger_value, champion_value, promoted, reason)
+    _record(client, decision)
+    return decision
+
+
+def _score_version(name: str, version: str, category, metric: str) -> float | None:
+    """`metric` of a registered version on `category`'s test split, through its pyfunc wrapper."""
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().model
+    scores = model.score(category.test)
+    return test_metrics(category, scores, model.config["image_size"]).get(metric)
+
+
+def _record(client: MlflowClient, decision: Promotion) -> None:
+    version = decision.challenger
+    if decision.promoted:
+        client.set_registered_model_alias(decision.name, CHAMPION, version)
+    tags = {
+        "promotion.decision": "promoted" if decision.promoted else "not promoted",
+        "promotion.metric": decision.metric,
+        "promotion.reason": decision.reason,
+        "promotion.champion_before": decision.champion or "none",
+    }
+    for key, value in (("challenger_value", decision.challenger_value), ("champion_value", decision.champion_value)):
+        if value is not None:
+            tags[f"promotion.{key}"] = str(value)
+    for key, value in tags.items():
+        client.set_model_version_tag(decision.name, version, key, value)
+    client.update_model_version(decision.name, version, description=f"{tags['promotion.decision']}: {decision.reason}")
+
+
+def _format(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
