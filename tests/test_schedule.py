@@ -61,7 +61,7 @@ def test_served_deployment_runs_on_schedule_and_by_hand(tmp_path):
         wait_for(lambda: completed_runs(url) >= 1, 240, "a scheduled run to complete")
         assert (tmp_path / "out" / "weave" / "model" / "config.json").is_file()
         registered = MlflowClient(mlflow_uri).get_registered_model("gaussad-data-weave")
-        assert registered.aliases == {"champion": 1, "challenger": 1}  # trained, registered, promoted
+        assert {alias: str(v) for alias, v in registered.aliases.items()} == {"champion": "1", "challenger": "1"}  # trained, registered, promoted
         manual = subprocess.run([str(BIN / "prefect"), "deployment", "run", "gaussad-retrain/scheduled"],
                                 env=env, capture_output=True, text=True, timeout=60)
         assert manual.returncode == 0, manual.stderr

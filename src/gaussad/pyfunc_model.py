@@ -30,7 +30,7 @@ from gaussad.model import load_model
 
 IMAGE_COLUMN = "image"
 # The explicit signature logged with the model does the validation that predict's type hints would.
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 def decode_image(value) -> Image.Image:

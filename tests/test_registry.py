@@ -1,0 +1,188 @@
+"""The model registry against a real `mlflow server`: pyfunc scores, promotion, `mlflow models serve`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from gaussad.cli import main
+from gaussad.data import load_category
+from gaussad.demo import write_demo_dataset
+from gaussad.evaluate import evaluate
+from gaussad.model import GaussianAD
+from gaussad.registry import promote
+from gaussad.tracking import log_run_folder
+from servers import free_port, tracking_to, wait_for
+
+CATEGORY = "hexnut"
+NAME = f"gaussad-promo-{CATEGORY}"  # the dataset folder is named "promo"
+SMALL = {"backbone": "tf_efficientnet_lite0", "levels": (3, 4), "image_size": 64, "batch_size": 8, "progress": False}
+
+
+def pipeline_folder(out: Path, data_root: Path, model: GaussianAD) -> Path:
+    """A run folder as flows/train.py writes it, for one category: model, evaluation, run.json."""
+    category = load_category(data_root, CATEGORY)
+    model.fit(category.train)
+    evaluate(model, category, out / CATEGORY / "evaluation", n_overlays=2)
+    model.save(out / CATEGORY / "model")
+    record = {"data": {"root": str(data_root), "dvc_md5": None}, "params": {"model": model.config},
+              "seconds": 1.0, "git_commit": "test"}
+    (out / "run.json").write_text(json.dumps(record))
+    return out
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, mlflow_server) -> dict:
+    """Three versions of one registered model, logged and promoted in turn:
+    v1 random weights (first champion), v2 pretrained (better: promoted), v3 random again (worse: kept out)."""
+    tmp = tmp_path_factory.mktemp("registry")
+    data = tmp / "promo"
+    write_demo_dataset(data, seed=6, categories=[CATEGORY], n_train=10, n_test_good=4, n_test_per_defect=3,
+                       image_size=64)
+    candidates = {
+        1: GaussianAD(weights="none", seed=1, **SMALL),
+        2: GaussianAD(weights="package:efficientnet-lite0", **SMALL),
+        3: GaussianAD(weights="none", seed=2, **SMALL),
+    }
+    result = {"data": data, "folders": {}, "decisions": {}}
+    for version, model in candidates.items():
+        folder = pipeline_folder(tmp / f"run{version}", data, model)
+        logged = log_run_folder(folder, experiment="registry", uri=mlflow_server)
+        assert logged.versions == {CATEGORY: f"{NAME}/{version}"} and logged.new_versions == [NAME]
+        result["folders"][version] = folder
+        result["decisions"][version] = promote(NAME, "image_auroc", uri=mlflow_server)
+    return result
+
+
+def aliases(client: MlflowClient) -> dict[str, str]:
+    """The model's aliases with versions as strings (MLflow gives ints from SQLite, strings over HTTP)."""
+    return {alias: str(version) for alias, version in client.get_registered_model(NAME).aliases.items()}
+
+
+def metric(folder: Path, key: str = "image_auroc") -> float:
+    return json.loads((folder / CATEGORY / "evaluation" / "metrics.json").read_text())[key]
+
+
+def test_better_challenger_is_promoted_and_worse_is_not(mlflow_server, registry):
+    first, better, worse = (registry["decisions"][v] for v in (1, 2, 3))
+    assert first.promoted and first.champion is None and "first champion" in first.reason
+    # the comparison re-scores both versions on the same test data: the figures match evaluate's
+    assert better.promoted and better.champion == "1"
+    assert better.challenger_value == pytest.approx(metric(registry["folders"][2]))
+    assert better.champion_value == pytest.approx(metric(registry["folders"][1]))
+    assert better.challenger_value >= better.champion_value
+    assert not worse.promoted and worse.champion == "2" and worse.challenger_value < worse.champion_value
+
+    client = MlflowClient(mlflow_server)
+    assert aliases(client) == {"champion": "2", "challenger": "3"}
+    kept_out = client.get_model_version(NAME, "3")
+    assert kept_out.tags["promotion.decision"] == "not promoted"
+    assert kept_out.tags["promotion.reason"] == worse.reason and "<" in worse.reason
+    assert kept_out.description.startswith("not promoted: image_auroc")
+    promoted = client.get_model_version(NAME, "2")
+    assert promoted.tags["promotion.decision"] == "promoted"
+    assert float(promoted.tags["promotion.challenger_value"]) == pytest.approx(better.challenger_value)
+
+
+def test_force_promotes_and_says_so(mlflow_server, registry, capsys):
+    with tracking_to(mlflow_server):
+        assert main(["promote", NAME, "--force"]) == 0
+    assert "promoted to champion: forced:" in capsys.readouterr().out
+    client = MlflowClient(mlflow_server)
+    assert aliases(client)["champion"] == "3"
+    assert client.get_model_version(NAME, "3").tags["promotion.reason"].startswith("forced: image_auroc")
+    with tracking_to(mlflow_server):  # put the better model back for the tests that follow
+        client.set_registered_model_alias(NAME, "champion", "2")
+
+
+def test_promote_errors_name_the_problem(mlflow_server, registry, capsys):
+    with tracking_to(mlflow_server):
+        assert main(["promote", "gaussad-promo-nothing"]) == 2
+    assert "no registered model 'gaussad-promo-nothing'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
+        promote(NAME, "accuracy", uri=mlflow_server)
+
+
+def test_relogging_a_folder_adds_no_version(mlflow_server, registry):
+    logged = log_run_folder(registry["folders"][2], experiment="registry", uri=mlflow_server)
+    assert logged.versions == {CATEGORY: f"{NAME}/2"} and logged.new_versions == []
+
+
+def test_champion_as_pyfunc_scores_paths_bytes_and_arrays_as_the_library_does(mlflow_server, registry):
+    test = load_category(registry["data"], CATEGORY).test
+    paths = [str(p) for p in test.paths[:4]]
+    library = GaussianAD.load(registry["folders"][2] / CATEGORY / "model", progress=False).score(paths)
+    mlflow.set_tracking_uri(mlflow_server)
+    champion = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    inputs = [paths[0], Path(paths[1]).read_bytes(), np.asarray(Image.open(paths[2]).convert("RGB")),
+              np.asarray(Image.open(paths[3]).convert("RGB"), np.float32) / 255]
+    result = champion.predict(pd.DataFrame({"image": inputs}))
+    np.testing.assert_allclose(result["score"], library.image, rtol=1e-5)
+    np.testing.assert_allclose(np.stack(result["map"]), library.maps, rtol=1e-4, atol=1e-4)
+    threshold = json.loads((registry["folders"][2] / CATEGORY / "model" / "config.json").read_text())[
+        "thresholds"]["image_f1_optimal"]
+    assert (result["threshold"] == threshold).all()
+    assert list(result["label"]) == ["anomalous" if s >= threshold else "normal" for s in library.image]
+    without_maps = champion.predict(pd.DataFrame({"image": paths[:1]}), params={"return_maps": False})
+    assert "map" not in without_maps.columns
+    with pytest.raises(Exception, match="cannot be decoded"):
+        champion.predict(pd.DataFrame({"image": [b"not an image"]}))
+
+
+def test_mlflow_models_serve_scores_a_posted_image(mlflow_server, registry, tmp_path):
+    path = load_category(registry["data"], CATEGORY).test.paths[-1]
+    expected = GaussianAD.load(registry["folders"][2] / CATEGORY / "model", progress=False).score([path]).image[0]
+    port = free_port()
+    bin_dir = Path(sys.executable).parent  # mlflow runs `uvicorn` from PATH, as in an activated venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for(lambda: _ping(port) or server.poll() is not None, 120, "mlflow models serve")
+        assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        body = {"dataframe_split": {"columns": ["image"], "data": [[encoded]]}, "params": {"return_maps": False}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            prediction = json.loads(response.read())["predictions"][0]
+        assert prediction["score"] == pytest.approx(expected, rel=1e-5)
+        assert prediction["label"] in ("anomalous", "normal") and "map" not in prediction
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _ping(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_png_round_trip_matches_the_file(registry):
+    """The encoded-bytes path decodes exactly what the file path reads (PNG is lossless)."""
+    from gaussad.pyfunc_model import decode_image
+
+    path = load_category(registry["data"], CATEGORY).test.paths[0]
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, format="PNG")
+    np.testing.assert_array_equal(np.asarray(decode_image(buffer.getvalue())), np.asarray(decode_image(str(path))))
