@@ -39,6 +39,12 @@ def digests(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def registered_versions(env: dict) -> int:
+    from mlflow.tracking import MlflowClient
+
+    return len(MlflowClient(env["MLFLOW_TRACKING_URI"]).search_model_versions("name = 'gaussad-demo-weave'"))
+
+
 @pytest.fixture
 def env(tmp_path):
     bin_dir = str(Path(sys.executable).parent)  # the venv's gaussad, python and dvc come first
@@ -49,6 +55,7 @@ def env(tmp_path):
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",  # the train stage tracks and registers
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
     }
@@ -113,10 +120,12 @@ def test_repro_reruns_only_what_changed(project, env):
         assert (out / name).is_file(), name
     run(project, "git", "add", "-A", env=env)
     run(project, "git", "commit", "-q", "-m", "first run", env=env)
+    assert registered_versions(env) == 1
 
     again = run(project, "dvc", "repro", env=env)
     assert "Running stage" not in again
     assert "Stage 'train' didn't change" in again and "Data and pipelines are up to date" in again
+    assert registered_versions(env) == 1  # a skipped stage registers nothing
 
     shown = run(project, "dvc", "metrics", "show", env=env)
     assert "weave" in shown and "image_auroc" in shown
@@ -131,6 +140,7 @@ def test_repro_reruns_only_what_changed(project, env):
     assert "Stage 'demo_data' didn't change" in changed and "Running stage 'train'" in changed
     assert "Running stage 'demo_data'" not in changed
     assert (out / "weave" / "model" / "config.json").is_file()
+    assert registered_versions(env) == 2  # the refitted model is the new challenger
 
     # HEAD's metrics come from the cache (outputs/ is git-ignored): both columns are filled
     diff = run(project, "dvc", "metrics", "diff", "--all", "--md", env=env)

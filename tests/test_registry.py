@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,3 +187,29 @@ def test_png_round_trip_matches_the_file(registry):
     buffer = io.BytesIO()
     Image.open(path).convert("RGB").save(buffer, format="PNG")
     np.testing.assert_array_equal(np.asarray(decode_image(buffer.getvalue())), np.asarray(decode_image(str(path))))
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_runs_and_the_registered_model(mlflow_server, registry, tmp_path):
+    """Headless Chromium renders the MLflow UI's runs page and the model's registry page.
+    With GAUSSAD_DOCS_SCREENSHOTS=1 the pictures replace those in docs/img/."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium: apt-get install chromium")
+    experiment = MlflowClient(mlflow_server).get_experiment_by_name("registry")
+    pages = {
+        "mlflow_runs": (f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs", f"promo-run{2}"),
+        "mlflow_registry": (f"{mlflow_server}/#/models/{NAME}", "champion"),
+    }
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1800,1300"]
+    for picture, (url, expected_text) in pages.items():
+        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        assert expected_text in dom.stdout, f"{url} does not show {expected_text!r}"
+        png = tmp_path / f"{picture}.png"
+        subprocess.run([chromium, *flags, f"--screenshot={png}", url], capture_output=True, timeout=120, check=True)
+        pixels = np.asarray(Image.open(png).convert("L"), np.float32)
+        assert pixels.shape == (1300, 1800) and pixels.std() > 10  # rendered, not a blank page
+        if os.environ.get("GAUSSAD_DOCS_SCREENSHOTS"):
+            shutil.copy(png, Path(__file__).parents[1] / "docs" / "img" / png.name)
