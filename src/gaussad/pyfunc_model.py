@@ -15,7 +15,6 @@ base64-encoded, as MLflow does for binary columns) or an H×W or H×W×3 array (
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -29,8 +28,6 @@ from gaussad.features import to_tensor
 from gaussad.model import load_model
 
 IMAGE_COLUMN = "image"
-# The explicit signature logged with the model does the validation that predict's type hints would.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 def decode_image(value) -> Image.Image:
@@ -73,7 +70,9 @@ class GaussadModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.model = load_model(context.artifacts["model"], progress=False)
 
-    def predict(self, context, model_input, params=None):
+    # The hint is the logged signature's input (a DataFrame with an `image` column); MLflow infers
+    # nothing from it, and the signature logged with the model does the validation.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         params = params or {}
         size = self.model.config["image_size"]
         values = images_from_input(model_input)
