@@ -132,3 +132,42 @@ def save_overlay(
         panels[2].set_title("regions")
     figure.suptitle(title)
     _save(figure, path)
+
+
+def _as_uint8_rgb(image) -> np.ndarray:
+    """H×W×3 uint8 from an H×W or H×W×3 image, uint8 or float in [0, 1]."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return _as_rgb(image)
+
+
+def save_reconstruction(
+    image, reconstruction, difference_map, path, title: str = "",
+    vmin: float | None = None, vmax: float | None = None,
+) -> None:
+    """Panels: the input image, its reconstruction and their difference map (a reconstruction model's
+    pixel anomaly map), side by side at the same size.
+
+    image, reconstruction: H×W×3 (or H×W), uint8 or float in [0, 1]. difference_map: h×w float,
+    resized bilinearly to H×W. vmin, vmax: the heat map's colour range (its own range by default).
+    """
+    rgb, rebuilt = _as_uint8_rgb(image), _as_uint8_rgb(reconstruction)
+    if rgb.shape != rebuilt.shape:
+        raise ValueError(f"reconstruction shape {rebuilt.shape} differs from image shape {rgb.shape}")
+    height, width = rgb.shape[:2]
+    heat = _resize_bilinear(difference_map, height, width)
+    figure = Figure(figsize=(12, 4.4), dpi=100, layout="constrained")
+    panels = figure.subplots(1, 3)
+    panels[0].imshow(rgb)
+    panels[0].set_title("image")
+    panels[1].imshow(rebuilt)
+    panels[1].set_title("reconstruction")
+    shown = panels[2].imshow(heat, cmap="jet", vmin=vmin, vmax=vmax)
+    panels[2].set_title("difference")
+    figure.colorbar(shown, ax=panels[2], fraction=0.046, pad=0.02)
+    for axes in panels:
+        axes.set_axis_off()
+    if title:
+        figure.suptitle(title)
+    _save(figure, path)
