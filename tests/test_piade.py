@@ -31,6 +31,7 @@ from gaussad.piade import (
     PiadeNet,
     ReconstructionLoss,
     SEBlock,
+    _TrainingRun,
     squash,
 )
 from gaussad.plots import save_reconstruction
@@ -305,8 +306,9 @@ def test_paper_preset_offline_fails_naming_the_hub_weights(tmp_path):
 
 def test_presets():
     paper = PIADE_PRESETS["paper"]
-    assert (paper["backbone"], paper["weights"], paper["perceptual"], paper["image_size"]) == ("resnet18", "timm", "vgg11", 120)
-    assert (paper["learning_rate"], paper["weight_decay"], paper["train_batch_size"], paper["epochs"]) == (1e-3, 1e-4, 120, 400)
+    assert (paper["backbone"], paper["weights"], paper["perceptual"]) == ("resnet18", "timm", "vgg11")
+    assert (paper["image_size"], paper["learning_rate"], paper["weight_decay"]) == (120, 1e-3, 1e-4)
+    assert (paper["train_batch_size"], paper["epochs"]) == (120, 400)  # Table 1
     model = PiadeAD.from_preset("lite0", image_size=SIZE, epochs=3, device="cpu", progress=False)
     assert model.config["weights"] == model.config["perceptual_weights"] == LITE0_PACKAGE
     assert model.config["epochs"] == 3 and model.config["learning_rate"] == 1e-3
@@ -329,14 +331,30 @@ def category(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(category, tmp_path_factory):
-    """The same seed trained 4 epochs at once, and 2 epochs with a checkpoint then resumed to 4."""
-    checkpoints = tmp_path_factory.mktemp("checkpoints")
+    """The same seed trained 4 epochs at once; 2 epochs with a checkpoint, then resumed to 4; and a
+    4-epoch run interrupted in epoch 3, then resumed."""
+    checkpoints, interrupted = tmp_path_factory.mktemp("checkpoints"), tmp_path_factory.mktemp("interrupted")
     whole = PiadeAD(**FAST, epochs=4).fit(category.train)
     first_half = PiadeAD(**FAST, epochs=2).fit(category.train, checkpoint_dir=checkpoints)
     after_first_half = sorted(p.name for p in checkpoints.iterdir())
     resumed = PiadeAD(**FAST, epochs=4).fit(category.train, checkpoint_dir=checkpoints)
+
+    train_epoch = _TrainingRun._train_epoch
+
+    def interrupt_in_epoch_3(run, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return train_epoch(run, epoch)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_TrainingRun, "_train_epoch", interrupt_in_epoch_3)
+        with pytest.raises(KeyboardInterrupt):
+            PiadeAD(**FAST, epochs=4).fit(category.train, checkpoint_dir=interrupted)
+    after_interruption = sorted(p.name for p in interrupted.iterdir())
+    resumed_after_interruption = PiadeAD(**FAST, epochs=4).fit(category.train, checkpoint_dir=interrupted)
     return {"whole": whole, "first_half": first_half, "resumed": resumed, "checkpoints": checkpoints,
-            "after_first_half": after_first_half}
+            "after_first_half": after_first_half, "after_interruption": after_interruption,
+            "resumed_after_interruption": resumed_after_interruption}
 
 
 def test_training_lowers_the_loss_and_records_its_history(runs):
@@ -350,13 +368,14 @@ def test_training_lowers_the_loss_and_records_its_history(runs):
     assert set(runs["whole"].thresholds) == {"image_normal_quantile", "pixel_normal_quantile", "pixel_normal_median"}
 
 
-def test_resumed_training_equals_the_uninterrupted_run(runs):
-    whole, resumed = runs["whole"], runs["resumed"]
-    assert runs["after_first_half"] == ["epoch-0002"]
+@pytest.mark.parametrize("resumed_run", ["resumed", "resumed_after_interruption"])
+def test_resumed_training_equals_the_uninterrupted_run(runs, resumed_run):
+    whole, resumed = runs["whole"], runs[resumed_run]
+    assert runs["after_first_half"] == runs["after_interruption"] == ["epoch-0002"]
     assert resumed.fit_info["resumed_from_epoch"] == 2
-    assert [r["loss"] for r in runs["first_half"].fit_info["loss_history"]] == \
-        [r["loss"] for r in whole.fit_info["loss_history"][:2]]  # same seed, same first epochs
-    assert [r["loss"] for r in resumed.fit_info["loss_history"]] == [r["loss"] for r in whole.fit_info["loss_history"]]
+    losses = [r["loss"] for r in whole.fit_info["loss_history"]]
+    assert [r["loss"] for r in runs["first_half"].fit_info["loss_history"]] == losses[:2]  # same seed, same start
+    assert [r["loss"] for r in resumed.fit_info["loss_history"]] == losses
     expected, actual = whole.net.state_dict(), resumed.net.state_dict()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     assert whole.thresholds == resumed.thresholds
@@ -368,7 +387,7 @@ def test_checkpoints_hold_the_latest_epoch_without_pickle(runs):
     assert sorted(p.name for p in folders[0].iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
 
 
-def test_resuming_with_other_settings_or_images_is_refused(runs, category, tmp_path):
+def test_resuming_with_other_settings_or_images_or_a_broken_checkpoint_is_refused(runs, category, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(runs["checkpoints"], checkpoints)
     with pytest.raises(CheckpointError, match="other settings .*learning_rate"):
@@ -377,6 +396,10 @@ def test_resuming_with_other_settings_or_images_is_refused(runs, category, tmp_p
         PiadeAD(**FAST, epochs=4).fit(category.train.paths[:-1], checkpoint_dir=checkpoints)
     with pytest.raises(CheckpointError, match="beyond the 3 epochs"):
         PiadeAD(**FAST, epochs=3).fit(category.train, checkpoint_dir=checkpoints)
+    weights = checkpoints / "epoch-0004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*epoch-0004"):
+        PiadeAD(**FAST, epochs=4).fit(category.train, checkpoint_dir=checkpoints)
 
 
 def test_early_stopping_stops_when_the_held_out_loss_stops_improving(category):
@@ -436,6 +459,8 @@ def test_save_load_gives_identical_scores_without_any_weight_source(runs, catego
     before, after = model.score(category.test), loaded.score(category.test)
     np.testing.assert_array_equal(before.image, after.image)
     np.testing.assert_array_equal(before.maps, after.maps)
+    with pytest.raises(RuntimeError, match="already trained"):
+        loaded.fit(category.train)
 
 
 def test_load_errors_name_the_file(runs, tmp_path):
@@ -478,7 +503,8 @@ def test_reconstruction_figure(runs, category, tmp_path):
     reconstruction = model.reconstruct(image)[0].permute(1, 2, 0).numpy()
     _, maps = model.score_batch(image)
     path = tmp_path / "figures" / "reconstruction.png"
-    save_reconstruction(image[0].permute(1, 2, 0).numpy(), reconstruction, maps[0], path, "hexnut", *model.display_range())
+    save_reconstruction(image[0].permute(1, 2, 0).numpy(), reconstruction, maps[0], path, "hexnut",
+                        *model.display_range())
     with Image.open(path) as png:
         assert png.size == (1200, 440)
     with pytest.raises(ValueError, match="differs from image shape"):
@@ -490,11 +516,13 @@ def test_reconstruction_figure(runs, category, tmp_path):
 
 @pytest.mark.slow
 def test_a_short_cpu_training_ranks_defects_above_normal_images(tmp_path):
-    write_demo_dataset(tmp_path, seed=0, categories=["hexnut"], n_train=20, n_test_good=10, n_test_per_defect=5,
+    """The smallest run found to rank better than chance: brushed, 64 px, 20 images, 10 epochs of the
+    lite0 preset (AUROC 0.74 with seed 0; 0.67 and 0.71 with seeds 1 and 2). About 20 s on 2 cores."""
+    write_demo_dataset(tmp_path, seed=0, categories=["brushed"], n_train=20, n_test_good=10, n_test_per_defect=5,
                        image_size=SIZE)
-    category = load_category(tmp_path, "hexnut")
-    model = PiadeAD.from_preset("lite0", image_size=SIZE, epochs=20, train_batch_size=8, device="cpu", progress=False)
+    category = load_category(tmp_path, "brushed")
+    model = PiadeAD.from_preset("lite0", image_size=SIZE, epochs=10, train_batch_size=8, device="cpu", progress=False)
     model.fit(category.train)
     history = model.fit_info["loss_history"]
     assert history[-1]["loss"] < history[0]["loss"]
-    assert image_auroc(np.asarray(category.test.labels), model.score(category.test).image) > 0.5
+    assert image_auroc(np.asarray(category.test.labels), model.score(category.test).image) > 0.6

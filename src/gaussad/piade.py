@@ -35,13 +35,21 @@ Decisions where the paper leaves a choice:
   squared error averaged over channels + λ2 · (1 − SSIM map averaged over channels; the 5 border
   pixels from a reflect-padded window) + λ1 · squared feature error averaged over channels,
   bilinearly upsampled to S.
-- Primary capsules: 8 consecutive channels at one position of one pyramid level.
+  With the Lite0 features this term is some 100 times the others (λ1 stays 1, as in the paper).
+- SE blocks after layer1..layer4 (the authors' code also puts one after the stem); reduction 4.
+- Primary capsules: 8 consecutive channels at one position of one pyramid level, not squashed.
+  Routing: squash with a = 1; û_{j|i} = W_ij u_i with a learned 64x8 W_ij per (input, output)
+  pair, as in capsule networks; gradients flow through all three iterations.
 - Initialisation: nn.init.orthogonal_ (gain 1, zero biases) for every weight but the pretrained
-  trunk and perceptual network; the routing matrices W_ij (64x8 each) one by one.
+  trunk and perceptual network; each routing matrix W_ij on its own.
 
-Training (Table 1, the `paper` preset): Adam, learning rate 1e-3, weight decay 1e-4, batch 120,
-400 epochs, 120 px. Each epoch visits the images in an order drawn from (seed, epoch), so a run
-resumed from a checkpoint continues exactly as the uninterrupted run. Mixed precision on CUDA.
+Training (Table 1, the `paper` preset): Adam, learning rate 1e-3, weight decay 1e-4 (on every
+trainable weight, the trunk's included), batch 120, 400 epochs, 120 px. Each epoch visits the
+images in an order drawn from (seed, epoch), so a run resumed from a checkpoint continues exactly
+as the uninterrupted one. Mixed precision (float16 autocast + GradScaler) on CUDA; routing and
+losses stay float32. Checkpoints: <checkpoint_dir>/epoch-NNNN/{model,optimizer}.safetensors +
+state.json, the latest kept; a fit with the same folder resumes from it. Optional early stopping
+watches the held-out loss (the training loss without held-out images) and keeps the last weights.
 
 Weights: the trunk and the perceptual network come from gaussad.features.build_model sources
 (`timm`, `file:<path>`, `package:efficientnet-lite0`, `none`); a source that cannot load raises
@@ -72,7 +80,7 @@ from tqdm.auto import tqdm
 
 from gaussad import __version__
 from gaussad.data import ImageSet, read_rgb
-from gaussad.features import LITE0_PACKAGE, build_model, default_device, normalization, to_tensor
+from gaussad.features import LITE0_PACKAGE, WeightsError, build_model, default_device, normalization, to_tensor
 from gaussad.model import PIXEL_NORMAL_QUANTILE, ModelFileError, Scores, _replace_folder
 
 FORMAT_VERSION = 1
@@ -295,8 +303,8 @@ class PiadeNet(nn.Module):
     def forward(self, images_nchw: torch.Tensor) -> PiadeOutput:
         feats = self.trunk(images_nchw)[-1]
         vectors, coefficients = self.routing(self.pyramid(feats))
-        upsampled = self.upsampler(self.select_vector(vectors).to(feats.dtype))
-        reconstruction = self.decoder(torch.cat([feats, upsampled.to(feats.dtype)], 1))
+        upsampled = self.upsampler(self.select_vector(vectors))
+        reconstruction = self.decoder(torch.cat([feats, upsampled.to(feats.dtype)], 1))  # dtypes differ under autocast
         return PiadeOutput(reconstruction, vectors, coefficients)
 
 
@@ -355,14 +363,13 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch
     return (g / g.sum()).float()
 
 
-def ssim_map(x: torch.Tensor, y: torch.Tensor, padded: bool = True) -> torch.Tensor:
-    """Per-channel SSIM maps [n, C, H, W] of images in [0, 1] (Gaussian 11x11 window, σ 1.5); with
-    `padded` False, only the positions whose window lies inside: [n, C, H-10, W-10]."""
-    n, c, _, _ = x.shape
+def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-channel SSIM maps [n, C, H, W] of images in [0, 1] (Gaussian 11x11 window, σ 1.5); the
+    windows of the 5 border pixels reach into a reflect padding."""
+    c = x.shape[1]
     g = gaussian_window().to(x)
     stack = torch.cat([x, y, x * x, y * y, x * y], 1)  # [n, 5C, H, W]
-    if padded:
-        stack = F.pad(stack, [SSIM_WINDOW // 2] * 4, mode="reflect")
+    stack = F.pad(stack, [SSIM_WINDOW // 2] * 4, mode="reflect")
     stack = F.conv2d(stack, g.view(1, 1, -1, 1).expand(5 * c, 1, -1, 1), groups=5 * c)  # separable window
     stack = F.conv2d(stack, g.view(1, 1, 1, -1).expand(5 * c, 1, 1, -1), groups=5 * c)
     mu_x, mu_y, xx, yy, xy = stack.split(c, 1)
@@ -391,16 +398,15 @@ class ReconstructionLoss(nn.Module):
 
     def forward(self, images: torch.Tensor, reconstructions: torch.Tensor, maps: bool = False) -> LossTerms:
         x, x_hat = images.float(), reconstructions.float()
-        n, _, height, width = x.shape
+        height, width = x.shape[2:]
         squared = ((x - x_hat) ** 2).mean(1)  # [n, S, S]
         per_image = {"mse": squared.mean((1, 2))}
         pixel_map = squared.clone() if maps else None
         total = per_image["mse"].clone()
         if self.lambda_ssim > 0:
-            dissimilarity = 1 - ssim_map(x, x_hat, padded=maps).mean(1)
-            border = SSIM_WINDOW // 2 if maps else 0  # the score, like scikit-image, skips the padded border
-            inside = dissimilarity[:, border:height - border, border:width - border] if border else dissimilarity
-            per_image["ssim"] = inside.mean((1, 2))
+            dissimilarity = 1 - ssim_map(x, x_hat).mean(1)  # [n, S, S]
+            border = SSIM_WINDOW // 2  # the score, like scikit-image's, leaves out the padded border
+            per_image["ssim"] = dissimilarity[:, border:-border, border:-border].mean((1, 2))
             total = total + self.lambda_ssim * per_image["ssim"]
             if maps:
                 pixel_map += self.lambda_ssim * dissimilarity
@@ -471,19 +477,18 @@ class PiadeAD:
         self.device = torch.device(device) if device is not None else default_device()
         self.amp = self.device.type == "cuda"
         c = self.config
-        trunk_weights = c["weights"] if pretrained else "none"
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices):  # the global random state is left as it was
             torch.manual_seed(c["seed"])  # the same seed builds the same initial network
             self.net = PiadeNet(
-                c["backbone"], trunk_weights, c["image_size"], c["se_reduction"], c["pyramid_sizes"],
-                c["pyramid_channels"], c["capsule_dim"], c["n_vectors"], c["latent_dim"],
+                c["backbone"], c["weights"] if pretrained else "none", c["image_size"], c["se_reduction"],
+                c["pyramid_sizes"], c["pyramid_channels"], c["capsule_dim"], c["n_vectors"], c["latent_dim"],
                 c["routing_iterations"], c["upsample_channels"], c["seed"],
             ).to(self.device).eval()
-        perceptual = None
-        if c["lambda_perceptual"] > 0:
-            perceptual_weights = c["perceptual_weights"] if pretrained else "none"
-            perceptual = PerceptualFeatures(c["perceptual"], perceptual_weights, c["seed"])
+            perceptual = None
+            if c["lambda_perceptual"] > 0:
+                perceptual_weights = c["perceptual_weights"] if pretrained else "none"
+                perceptual = PerceptualFeatures(c["perceptual"], perceptual_weights, c["seed"])
         self.loss = ReconstructionLoss(c["lambda_perceptual"], c["lambda_ssim"], perceptual).to(self.device)
         self.thresholds: dict[str, float] = {}
         self.fit_info: dict = {}
@@ -540,7 +545,7 @@ class PiadeAD:
                           disable=not self.progress):
             batch = torch.stack([to_tensor(read_rgb(p), size) for p in paths[start:start + self.batch_size]])
             parts.append(self.score_batch(batch))
-        return Scores(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        return _concatenate(parts)
 
     @torch.no_grad()
     def score_batch(self, images_nchw: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -557,9 +562,8 @@ class PiadeAD:
             return self.net(images_nchw.to(self.device).float()).reconstruction.float()
 
     def _score_tensor(self, images_nchw: torch.Tensor) -> Scores:
-        parts = [self.score_batch(images_nchw[i:i + self.batch_size])
-                 for i in range(0, len(images_nchw), self.batch_size)]
-        return Scores(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        return _concatenate([self.score_batch(images_nchw[i:i + self.batch_size])
+                             for i in range(0, len(images_nchw), self.batch_size)])
 
     # ---- thresholds ----------------------------------------------------------------------------------
 
@@ -629,7 +633,7 @@ class PiadeAD:
         model = cls.__new__(cls)
         try:
             model._setup({k: saved[k] for k in _CONFIG_KEYS}, device, progress, batch_size, pretrained=False)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, WeightsError) as err:  # a bad value, or a backbone timm does not know
             raise ModelFileError(f"{config_path}: {err}") from None
         model.thresholds = dict(saved.get("thresholds", {}))
         model.fit_info = {k: v for k, v in saved.items() if k not in _CONFIG_KEYS and k not in
@@ -685,9 +689,9 @@ def _validated(config: dict) -> dict:
     if not c["pyramid_sizes"] or min(c["pyramid_sizes"]) < 1:
         raise ValueError(f"pyramid_sizes must be positive sizes, got {c['pyramid_sizes']}")
     if c["early_stopping_patience"] is not None:
-        c["early_stopping_patience"] = int(c["early_stopping_patience"])
-        if c["early_stopping_patience"] < 1:
-            raise ValueError(f"early_stopping_patience must be at least 1 (or None), got {c['early_stopping_patience']}")
+        patience = c["early_stopping_patience"] = int(c["early_stopping_patience"])
+        if patience < 1:
+            raise ValueError(f"early_stopping_patience must be at least 1 (or None), got {patience}")
     return c
 
 
@@ -780,7 +784,7 @@ class _TrainingRun:
         info = {
             "loss_history": self.history,
             "epochs_trained": self.history[-1]["epoch"] if self.history else 0,
-            "stopped_early": self._should_stop(),
+            "stopped_early": self._should_stop() and self.history[-1]["epoch"] < self.model.config["epochs"],
             "resumed_from_epoch": self.resumed_from,
             "seconds_per_epoch": round(float(np.mean(self.epoch_seconds)), 3) if self.epoch_seconds else None,
         }
@@ -832,17 +836,22 @@ class _TrainingRun:
         except (OSError, json.JSONDecodeError, SafetensorError) as err:
             raise CheckpointError(f"cannot read checkpoint {folder}: {err}") from None
         self._check_compatible(state, folder)
-        self.model.net.load_state_dict(net_state)
         per_param: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in optimizer_tensors.items():
-            index, name = key.split(".", 1)
-            per_param.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
-        self.scaler.load_state_dict(state["grad_scaler"])
+        try:
+            for key, value in optimizer_tensors.items():
+                index, name = key.split(".", 1)
+                per_param.setdefault(int(index), {})[name] = value
+            self.model.net.load_state_dict(net_state)
+            self.optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
+            self.scaler.load_state_dict(state["grad_scaler"])
+        except (KeyError, ValueError, RuntimeError) as err:  # torch reports a mismatch as RuntimeError
+            raise CheckpointError(f"checkpoint {folder} does not fit this model: {str(err).splitlines()[0]}") from None
         self.history = state["loss_history"]
-        return int(state["epoch"])
+        return state["epoch"]
 
     def _check_compatible(self, state: dict, folder: Path) -> None:
+        if not isinstance(state.get("epoch"), int) or not isinstance(state.get("loss_history"), list):
+            raise CheckpointError(f"checkpoint {folder}: state.json lacks its epoch or loss history")
         saved, current = state.get("config", {}), self.model.config
         changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
         if changed:
@@ -857,6 +866,10 @@ class _TrainingRun:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+def _concatenate(parts: list[tuple[np.ndarray, np.ndarray]]) -> Scores:
+    return Scores(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
 def _paths(images: ImageSet | Sequence[str | Path]) -> list[Path]:
