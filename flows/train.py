@@ -1,4 +1,5 @@
-"""Prefect flow: per category, extract features -> fit the Gaussians -> evaluate, as cached tasks.
+"""Prefect flow: per category, extract features -> fit the Gaussians -> evaluate, as cached tasks
+(or, with `model_type: piade` in the params, train PIADE -> evaluate).
 
     python flows/train.py --params params.yaml --out outputs/pipeline [--data DIR] [--categories a b]
 
@@ -41,10 +42,12 @@ from gaussad.data import Category, DatasetError, list_categories, load_category 
 from gaussad.evaluate import evaluate  # noqa: E402
 from gaussad.features import Backbone, FeatureStore  # noqa: E402
 from gaussad.model import GaussianAD  # noqa: E402
+from gaussad.piade import PiadeAD  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("GAUSSAD_CACHE_DIR", ".gaussad-cache"))
 BACKBONE_KEYS = ("backbone", "weights", "levels", "image_size", "seed")
 MODEL_KEYS = BACKBONE_KEYS + ("reduction", "variance", "spatial", "normal_quantile")
+MODEL_TYPES = ("gaussian", "piade")
 # One extraction or scoring at a time per process: two categories must not fight over one GPU
 # (or oversubscribe the CPU cores). Prefect's thread pool runs the categories' tasks concurrently.
 _DEVICE_LOCK = threading.BoundedSemaphore(1)
@@ -135,6 +138,45 @@ def evaluate_model(name: str, dataset_root: str, model_dir: str, test_store: str
     return str(out)
 
 
+@task(cache_policy=INPUTS - "paths" + TASK_SOURCE, persist_result=True, task_run_name="train-{name}")
+def train_piade(name: str, paths: list[str], digest: str, settings: dict, cache_dir: str) -> str:
+    """PIADE trained on the training images -> a model folder. Checkpoints are kept in the cache, so
+    an interrupted run resumes from its last epoch when the flow runs again."""
+    key = f"{digest[:24]}-{settings_digest(settings)}"
+    options = {k: v for k, v in settings.items() if k not in ("preset", "holdout")}
+    with device_lock():
+        model = PiadeAD.from_preset(settings["preset"], **options, progress=False)
+        model.fit(paths, settings["holdout"], checkpoint_dir=Path(cache_dir) / "checkpoints" / key)
+    model_dir = Path(cache_dir) / "models" / f"piade-{key}"
+    model.save(model_dir)
+    return str(model_dir)
+
+
+@task(cache_policy=INPUTS - "dataset_root" + TASK_SOURCE, persist_result=True, task_run_name="evaluate-{name}")
+def evaluate_piade(name: str, dataset_root: str, model_dir: str, digest: str, cache_dir: str) -> str:
+    """Metrics, thresholds, reconstructions and heat maps on the test split -> an evaluation folder."""
+    out = Path(cache_dir) / "evaluations" / f"{Path(model_dir).name}-{digest[:16]}"
+    shutil.rmtree(out, ignore_errors=True)
+    model = PiadeAD.load(model_dir, progress=False)
+    category = load_category(dataset_root, name, validate=False)
+    with device_lock():
+        start = time.perf_counter()
+        scores = model.score(category.test)
+        seconds = time.perf_counter() - start
+        evaluate(model, category, out / "evaluation", scores=scores, score_seconds=seconds)  # reconstructs too
+    model.save(out / "model")
+    timings = {
+        "fit_seconds": model.fit_info["fit_seconds"],
+        "seconds_per_epoch": model.fit_info["seconds_per_epoch"],
+        "epochs_trained": model.fit_info["epochs_trained"],
+        "score_seconds": round(seconds, 3),
+        "n_train_images": model.fit_info["n_train_images"] + model.fit_info["n_holdout_images"],
+        "n_test_images": len(category.test),
+    }
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    return str(out)
+
+
 # ---- the flow ----------------------------------------------------------------------------------
 
 @flow(name="gaussad-train", log_prints=True)
@@ -146,6 +188,9 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
     register each category's model as the `challenger` of `gaussad-<dataset>-<category>`."""
     logger = get_run_logger()
     params = yaml.safe_load(Path(config).read_text())
+    model_type = params.get("model_type", "gaussian")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{config}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
     settings = {k: params["model"][k] for k in MODEL_KEYS}
     backbone = {k: settings[k] for k in BACKBONE_KEYS}
     cache = str(Path(cache_dir or DEFAULT_CACHE).resolve())
@@ -156,6 +201,7 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
     failures: dict[str, str] = {}
     storage = {"result_storage": Path(cache) / "results"}  # cache records live beside what they point to
     extract, fit, assess = (t.with_options(**storage) for t in (extract_features, fit_model, evaluate_model))
+    train_reconstruction, assess_reconstruction = (t.with_options(**storage) for t in (train_piade, evaluate_piade))
     for name in names:
         try:
             category = load_category(dataset_root, name)  # decodes every file: a corrupt one fails here
@@ -165,6 +211,11 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
             continue
         train_digest, test_digest = file_digest(category.train.paths), test_split_digest(category)
         steps = futures[name] = {}
+        if model_type == "piade":
+            train_paths = [str(p) for p in category.train.paths]
+            steps["fit"] = train_reconstruction.submit(name, train_paths, train_digest, params["piade"], cache)
+            steps["evaluate"] = assess_reconstruction.submit(name, dataset_root, steps["fit"], test_digest, cache)
+            continue
         for split, images, digest in (("train", category.train, train_digest), ("test", category.test, test_digest)):
             steps[split] = extract.submit(
                 name, split, [str(p) for p in images.paths], digest, backbone, params["model"]["batch_size"], cache
@@ -278,14 +329,13 @@ def dvc_data_hash(dataset_root: str) -> str | None:
 
 
 def _report(logger, summary: dict) -> None:
-    lines = ["| category | image AUROC | pixel AUROC | AUPRO | extract train | extract test | fit | evaluate |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| category | image AUROC | pixel AUROC | AUPRO | tasks |", "|---|---|---|---|---|"]
     for name, metrics in summary["metrics"].items():
-        work = summary["tasks"][name]
         cells = [_pct(metrics[k]) for k in ("image_auroc", "pixel_auroc", "aupro")]
-        lines.append(f"| {name} | {' | '.join(cells)} | {work['train']} | {work['test']} | {work['fit']} | {work['evaluate']} |")
+        work = ", ".join(f"{step} {state}" for step, state in summary["tasks"][name].items())
+        lines.append(f"| {name} | {' | '.join(cells)} | {work} |")
     for name, message in summary["failures"].items():
-        lines.append(f"| {name} | failed: {message} | | | | | | |")
+        lines.append(f"| {name} | failed: {message} | | | |")
     table = "\n".join(lines)
     create_markdown_artifact(table, key="gaussad-train-results", description="metrics and task cache use")
     all_cached = all(v == "cached" for w in summary["tasks"].values() for v in w.values())

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -18,7 +20,8 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows.train import train  # noqa: E402
 from gaussad.cli import main  # noqa: E402
 from gaussad.demo import write_demo_dataset  # noqa: E402
-from gaussad.registry import model_digest  # noqa: E402
+from gaussad.piade import PiadeAD  # noqa: E402
+from gaussad.registry import model_digest, promote  # noqa: E402
 from gaussad.tracking import TrackingError, log_run_folder  # noqa: E402
 from servers import free_port, tracking_to  # noqa: E402
 
@@ -27,7 +30,8 @@ CATEGORIES = ["weave", "hexnut"]
 
 @pytest.fixture(scope="module")
 def flow_runs(tmp_path_factory, mlflow_server) -> dict:
-    """The real Prefect flow on two small categories, tracking to the server, then to a closed port."""
+    """The real Prefect flow on two small categories, tracking to the server, then to a closed port;
+    then weave's Gaussian model is promoted and the flow trains PIADE on weave (3 epochs, 64 px)."""
     tmp = tmp_path_factory.mktemp("pipeline")
     write_demo_dataset(tmp / "data", seed=4, categories=CATEGORIES, n_train=8, n_test_good=3, n_test_per_defect=2,
                        image_size=64)
@@ -41,7 +45,17 @@ def flow_runs(tmp_path_factory, mlflow_server) -> dict:
             runs["summary"] = train(*arguments, str(tmp / "out"), str(tmp / "cache"), track=True, experiment="flow")
         with tracking_to(f"http://127.0.0.1:{free_port()}"), pytest.raises(TrackingError) as refused:
             train(*arguments, str(tmp / "out-offline"), str(tmp / "cache"), track=True)
-    runs.update(out=tmp / "out", offline_out=tmp / "out-offline", refused=str(refused.value))
+        runs["first_champion"] = promote("gaussad-data-weave", uri=mlflow_server)
+        params.update(model_type="piade")
+        params["piade"].update(image_size=64, epochs=3, train_batch_size=8)
+        (tmp / "params-piade.yaml").write_text(yaml.safe_dump(params))
+        with tracking_to(mlflow_server):
+            runs["piade"] = train(str(tmp / "data"), ["weave"], str(tmp / "params-piade.yaml"), str(tmp / "out-piade"),
+                                  str(tmp / "cache"), track=True, experiment="flow-piade")
+        runs["piade_again"] = train(str(tmp / "data"), ["weave"], str(tmp / "params-piade.yaml"),
+                                    str(tmp / "out-piade-again"), str(tmp / "cache"))
+    runs.update(out=tmp / "out", offline_out=tmp / "out-offline", refused=str(refused.value), data=tmp / "data",
+                piade_out=tmp / "out-piade")
     return runs
 
 
@@ -66,7 +80,7 @@ def test_flow_registers_each_category_model_as_its_challenger(mlflow_server, flo
     assert flow_runs["summary"]["registered"] == {c: f"gaussad-data-{c}/1" for c in CATEGORIES}
     for category in CATEGORIES:
         name, folder = f"gaussad-data-{category}", flow_runs["out"] / category
-        version = client.get_model_version_by_alias(name, "challenger")
+        version = client.get_model_version(name, "1")
         metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
         assert version.version == "1" and version.tags["category"] == category
         assert version.tags["model_type"] == "gaussian" and version.tags["dataset"] == "data"
@@ -79,6 +93,52 @@ def test_flow_registers_each_category_model_as_its_challenger(mlflow_server, flo
         stored = {p.relative_to(files).as_posix() for p in files.rglob("*") if p.is_file()}
         assert {"artifacts/model/config.json", "artifacts/model/stats.safetensors", "MLmodel"} <= stored
         assert not [p for p in stored if p.endswith((".pkl", ".pickle", ".cloudpickle"))]  # model from code
+
+
+def test_piade_flow_run_logs_loss_curves_and_reconstructions(mlflow_server, flow_runs):
+    client = MlflowClient(mlflow_server)
+    folder = flow_runs["piade_out"] / "weave"
+    config = json.loads((folder / "model" / "config.json").read_text())
+    [run] = client.search_runs([client.get_experiment_by_name("flow-piade").experiment_id],
+                               "tags.category = 'weave'")
+    assert flow_runs["piade"]["tasks"] == {"weave": {"fit": "completed", "evaluate": "completed"}}
+    assert flow_runs["piade_again"]["tasks"] == {"weave": {"fit": "cached", "evaluate": "cached"}}
+    assert run.data.tags["model_type"] == "piade" and run.data.params["lambda_ssim"] == "1.0"
+    assert run.data.params["backbone"] == "tf_efficientnet_lite0" and run.data.params["epochs"] == "3"
+    for curve in ("train_loss", "train_mse", "train_perceptual", "train_ssim", "epoch_seconds"):
+        history = sorted(client.get_metric_history(run.info.run_id, curve), key=lambda m: m.step)
+        key = {"train_loss": "loss", "epoch_seconds": "seconds"}.get(curve, curve.removeprefix("train_"))
+        assert [m.step for m in history] == [r["epoch"] for r in config["loss_history"]] == [1, 2, 3]
+        assert [m.value for m in history] == pytest.approx([r[key] for r in config["loss_history"]])
+    assert run.data.metrics["seconds_per_epoch"] == pytest.approx(config["seconds_per_epoch"])
+    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert model_files == {"model/config.json", "model/weights.safetensors"}
+    reconstructions = client.list_artifacts(run.info.run_id, "evaluation/reconstructions")
+    assert len(reconstructions) == 8 and all(a.path.endswith(".png") for a in reconstructions)
+
+
+def test_piade_challenger_is_compared_with_the_gaussian_champion(mlflow_server, flow_runs):
+    """One registered model per dataset and category: PIADE v2 competes with the Gaussian v1."""
+    assert flow_runs["first_champion"].promoted and flow_runs["first_champion"].challenger == "1"
+    assert flow_runs["piade"]["registered"] == {"weave": "gaussad-data-weave/2"}
+    client = MlflowClient(mlflow_server)
+    assert client.get_model_version("gaussad-data-weave", "2").tags["model_type"] == "piade"
+    decision = promote("gaussad-data-weave", "image_auroc", uri=mlflow_server)
+    piade_auroc = json.loads((flow_runs["piade_out"] / "weave" / "evaluation" / "metrics.json").read_text())
+    gaussian_auroc = json.loads((flow_runs["out"] / "weave" / "evaluation" / "metrics.json").read_text())
+    assert decision.challenger == "2" and decision.champion == "1"
+    assert decision.challenger_value == pytest.approx(piade_auroc["image_auroc"])
+    assert decision.champion_value == pytest.approx(gaussian_auroc["image_auroc"])
+    assert decision.promoted == (decision.challenger_value >= decision.champion_value)
+    champion = client.get_registered_model("gaussad-data-weave").aliases["champion"]
+    assert str(champion) == ("2" if decision.promoted else "1")
+
+    # the PIADE version as pyfunc scores as the library does
+    paths = [str(p) for p in sorted((flow_runs["data"] / "weave" / "test").rglob("*.png"))[:3]]
+    library = PiadeAD.load(flow_runs["piade_out"] / "weave" / "model", progress=False).score(paths)
+    mlflow.set_tracking_uri(mlflow_server)
+    predicted = mlflow.pyfunc.load_model("models:/gaussad-data-weave/2").predict(pd.DataFrame({"image": paths}))
+    np.testing.assert_allclose(predicted["score"], library.image, rtol=1e-5)
 
 
 def test_flow_with_tracking_server_down_fails_clearly_and_keeps_the_models(mlflow_server, flow_runs):

@@ -18,7 +18,8 @@ from gaussad.data import IMAGE_SUFFIXES, ImageSet, list_categories, load_categor
 from gaussad.demo import DEMO_CATEGORIES, write_demo_dataset
 from gaussad.evaluate import evaluate
 from gaussad.features import WeightsError
-from gaussad.model import PRESETS, GaussianAD
+from gaussad.model import PRESETS, GaussianAD, load_model
+from gaussad.piade import PiadeAD
 from gaussad.plots import save_overlay
 
 # OSError: missing files, permissions, a full disk, an unreachable tracking server
@@ -116,6 +117,8 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
+    parser.add_argument("--model-type", choices=("gaussian", "piade"), default="gaussian",
+                        help="gaussian (default: Gaussians of pretrained features) or piade (a reconstruction network)")
     parser.add_argument("--preset", choices=PRESETS, default=default_preset,
                         help=f"backbone, weights, levels and size together (default {default_preset}); "
                              "'lite0' works offline")
@@ -128,16 +131,37 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = 
     parser.add_argument("--spatial", choices=("shared", "per-location"), default="shared")
     parser.add_argument("--holdout", type=float, default=0.1, help="train fraction held out for thresholds")
     parser.add_argument("--seed", type=int, default=0)
+    piade = parser.add_argument_group("PIADE (--model-type piade; defaults: the preset, i.e. Table 1 of the paper)")
+    piade.add_argument("--epochs", type=int)
+    piade.add_argument("--train-batch-size", type=int)
+    piade.add_argument("--learning-rate", type=float)
+    piade.add_argument("--lambda-perceptual", type=float, help="weight of the perceptual term (0: off)")
+    piade.add_argument("--lambda-ssim", type=float, help="weight of the SSIM term (0: off)")
+    piade.add_argument("--early-stopping-patience", type=int, help="epochs without improvement before stopping")
+    piade.add_argument("--checkpoint-dir", type=Path, help="checkpoint every epoch here; a rerun resumes from it")
     _add_runtime_arguments(parser)
 
 
-def _model_from_arguments(args: argparse.Namespace) -> GaussianAD:
+def _model_from_arguments(args: argparse.Namespace) -> GaussianAD | PiadeAD:
+    if args.model_type == "piade":
+        keys = ("backbone", "weights", "image_size", "epochs", "train_batch_size", "learning_rate",
+                "lambda_perceptual", "lambda_ssim", "early_stopping_patience")
+        overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+        return PiadeAD.from_preset(args.preset, **overrides, seed=args.seed, batch_size=args.batch_size,
+                                   device=args.device, progress=not args.quiet)
     settings = dict(PRESETS[args.preset])
     for key in ("backbone", "weights", "levels", "image_size"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     return GaussianAD(**settings, reduction=args.reduction, variance=args.variance, spatial=args.spatial,
                       seed=args.seed, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+
+
+def _train(model: GaussianAD | PiadeAD, images, args: argparse.Namespace) -> None:
+    if isinstance(model, PiadeAD):
+        model.fit(images, holdout=args.holdout, checkpoint_dir=args.checkpoint_dir)
+    else:
+        model.fit(images, holdout=args.holdout)
 
 
 def _category(args: argparse.Namespace):
@@ -158,14 +182,14 @@ def _demo_data(args: argparse.Namespace) -> None:
 def _fit(args: argparse.Namespace) -> None:
     category = _category(args)  # validated before any compute
     model = _model_from_arguments(args)
-    model.fit(category.train, holdout=args.holdout)
+    _train(model, category.train, args)
     model.save(args.model)
     print(f"fitted {category.name} on {model.fit_info['n_train_images']} images -> {args.model}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     category = _category(args)  # validated before the model is even loaded
-    model = GaussianAD.load(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
+    model = load_model(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
     metrics = evaluate(model, category, args.out, args.overlays)
     model.save(args.model)  # now with the thresholds calibrated on labelled test data
     print(_format_table(pd.DataFrame([_summary_row(metrics)])))
@@ -173,7 +197,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    model = GaussianAD.load(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
+    model = load_model(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
     images = ImageSet.from_paths(_expand_image_arguments(args.images))
     validate_images(images)
     threshold = _threshold(model, args.threshold)
@@ -206,7 +230,7 @@ def _expand_image_arguments(arguments: list[Path]) -> list[Path]:
     return paths
 
 
-def _threshold(model: GaussianAD, choice: str | None) -> float:
+def _threshold(model: GaussianAD | PiadeAD, choice: str | None) -> float:
     if choice is None:
         return model.decision_threshold
     if choice in model.thresholds:
@@ -252,7 +276,7 @@ def _demo(args: argparse.Namespace) -> None:
         category = load_category(args.data, name)
         model = _model_from_arguments(args)
         start = time.perf_counter()
-        model.fit(category.train, holdout=args.holdout)
+        _train(model, category.train, args)
         fit_seconds = time.perf_counter() - start
         metrics = evaluate(model, category, args.out / name / "evaluation")
         model.save(args.out / name / "model")  # with the thresholds evaluate calibrated
@@ -261,11 +285,18 @@ def _demo(args: argparse.Namespace) -> None:
     table.to_csv(args.out / "results.csv", index=False)
     means = table.drop(columns="category").apply(pd.to_numeric, errors="coerce").mean().round(1)
     table = pd.concat([table, pd.DataFrame([{"category": "mean", **means.to_dict()}])], ignore_index=True)
-    settings = model.config
-    print(f"\n{settings['backbone']} ({settings['weights']}), levels {settings['levels']}, "
-          f"{settings['image_size']} px, {settings['reduction']} {settings['variance']}, {settings['spatial']}")
+    print(f"\n{_describe(model)}")
     print(_format_table(table))
     print(f"\nmodels, metrics.json, scores.csv, ROC curves and heat-map overlays under {args.out}/<category>/")
+
+
+def _describe(model: GaussianAD | PiadeAD) -> str:
+    c = model.config
+    if isinstance(model, PiadeAD):
+        return (f"PIADE: {c['backbone']} trunk ({c['weights']}), perceptual {c['perceptual']}, {c['image_size']} px, "
+                f"{model.fit_info['epochs_trained']} epochs, λ1 {c['lambda_perceptual']}, λ2 {c['lambda_ssim']}")
+    return (f"{c['backbone']} ({c['weights']}), levels {c['levels']}, {c['image_size']} px, "
+            f"{c['reduction']} {c['variance']}, {c['spatial']}")
 
 
 def _summary_row(metrics: dict) -> dict:

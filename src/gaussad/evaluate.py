@@ -1,7 +1,8 @@
 """Evaluate a fitted model on a category's test split and write what a user looks at.
 
 Outputs in one folder: metrics.json, scores.csv (one row per test image), roc.png + roc.csv,
-histogram.png (normal vs defective scores) and overlays/ (heat maps over a sample of test images).
+histogram.png (normal vs defective scores) and overlays/ (heat maps over a sample of test images);
+for a reconstruction model (PIADE) also reconstructions/ (input, reconstruction, difference).
 Pixel metrics are computed at the model's image size, masks resized there (nearest).
 """
 
@@ -10,19 +11,25 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import roc_curve
 
 from gaussad.data import Category, read_mask, read_rgb
 from gaussad.metrics import aupro, best_balanced_accuracy, f1_optimal_threshold, image_auroc, pixel_auroc
 from gaussad.model import GaussianAD, Scores
-from gaussad.plots import save_overlay, save_roc_curve, save_score_histogram
+
+if TYPE_CHECKING:
+    from gaussad.piade import PiadeAD
+from gaussad.features import to_tensor
+from gaussad.plots import save_overlay, save_reconstruction, save_roc_curve, save_score_histogram
 
 
 def evaluate(
-    model: GaussianAD,
+    model: GaussianAD | PiadeAD,
     category: Category,
     out_dir: str | Path,
     n_overlays: int = 8,
@@ -95,7 +102,7 @@ def _scores_table(category: Category, scores: Scores, threshold: float) -> pd.Da
     )
 
 
-def _plots(model: GaussianAD, category: Category, scores: Scores, out_dir: Path, n_overlays: int) -> None:
+def _plots(model: GaussianAD | PiadeAD, category: Category, scores: Scores, out_dir: Path, n_overlays: int) -> None:
     labels = np.asarray(category.test.labels)
     title = f"{category.name}: {model.config['backbone']}"
     if 0 < labels.sum() < len(labels):
@@ -106,7 +113,10 @@ def _plots(model: GaussianAD, category: Category, scores: Scores, out_dir: Path,
     save_score_histogram(scores.image[labels == 0], scores.image[labels == 1], out_dir / "histogram.png", title,
                          thresholds)
     vmin, vmax = model.display_range()
-    for index in overlay_sample(category.test.defect_types, n_overlays):
+    sample = overlay_sample(category.test.defect_types, n_overlays)
+    if hasattr(model, "reconstruct"):
+        _reconstructions(model, category, scores, sample, out_dir / "reconstructions", (vmin, vmax))
+    for index in sample:
         path = category.test.paths[index]
         image = read_rgb(path)
         mask_path = category.test.mask_paths[index]
@@ -120,6 +130,22 @@ def _plots(model: GaussianAD, category: Category, scores: Scores, out_dir: Path,
             mask=read_mask(mask_path, image.size) if mask_path else None,
             threshold=model.thresholds["pixel_normal_quantile"],
         )
+
+
+def _reconstructions(model, category: Category, scores: Scores, sample: list[int], out_dir: Path,
+                     colour_range: tuple[float, float]) -> None:
+    """Input, reconstruction and difference map of the sampled test images, at the model's size."""
+    size = model.config["image_size"]
+    images = [to_tensor(read_rgb(category.test.paths[i]), size) for i in sample]
+    if not images:
+        return
+    rebuilt = model.reconstruct(torch.stack(images)).cpu()
+    for index, image, reconstruction in zip(sample, images, rebuilt):
+        path = category.test.paths[index]
+        kind = category.test.defect_types[index]
+        save_reconstruction(image.permute(1, 2, 0).numpy(), reconstruction.permute(1, 2, 0).numpy(),
+                            scores.maps[index], out_dir / f"{kind}_{path.stem}.png",
+                            f"{kind}/{path.name}  score {scores.image[index]:.3f}", *colour_range)
 
 
 def overlay_sample(defect_types, count: int) -> list[int]:

@@ -101,7 +101,7 @@ _MAX_SQUASH_GAIN = 1.0 - 2.0**-20
 
 
 # PiadeAD's settings, all saved in config.json (batch_size, device and progress are how it runs, not what it is).
-_CONFIG_KEYS = (
+CONFIG_KEYS = (
     "backbone", "weights", "perceptual", "perceptual_weights", "image_size", "lambda_perceptual", "lambda_ssim",
     "epochs", "train_batch_size", "learning_rate", "weight_decay", "early_stopping_patience",
     "early_stopping_min_delta", "se_reduction", "pyramid_sizes", "pyramid_channels", "capsule_dim", "n_vectors",
@@ -460,7 +460,7 @@ class PiadeAD:
         progress: bool = True,
     ):
         arguments = locals()
-        self._setup({k: arguments[k] for k in _CONFIG_KEYS}, device, progress, batch_size, pretrained=True)
+        self._setup({k: arguments[k] for k in CONFIG_KEYS}, device, progress, batch_size, pretrained=True)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "PiadeAD":
@@ -627,16 +627,16 @@ class PiadeAD:
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "weights.safetensors"
         saved = _read_config(config_path)
-        missing = [k for k in _CONFIG_KEYS if k not in saved]
+        missing = [k for k in CONFIG_KEYS if k not in saved]
         if missing:
             raise ModelFileError(f"{config_path} lacks the key(s) {', '.join(missing)}")
         model = cls.__new__(cls)
         try:
-            model._setup({k: saved[k] for k in _CONFIG_KEYS}, device, progress, batch_size, pretrained=False)
+            model._setup({k: saved[k] for k in CONFIG_KEYS}, device, progress, batch_size, pretrained=False)
         except (ValueError, TypeError, WeightsError) as err:  # a bad value, or a backbone timm does not know
             raise ModelFileError(f"{config_path}: {err}") from None
         model.thresholds = dict(saved.get("thresholds", {}))
-        model.fit_info = {k: v for k, v in saved.items() if k not in _CONFIG_KEYS and k not in
+        model.fit_info = {k: v for k, v in saved.items() if k not in CONFIG_KEYS and k not in
                           ("format_version", "gaussad_version", "model_type", "thresholds")}
         tensors = _read_weights(weights_path)
         model._load_state(model.net, "net.", tensors, weights_path)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from gaussad.piade import CONFIG_KEYS as PIADE_PARAMS
 from gaussad.registry import register_model
 
 DEFAULT_EXPERIMENT = "gaussad"
@@ -24,6 +27,9 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_PARAMS = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
                 "normal_quantile", "seed")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy", "score_seconds", "images_per_second")
+# A PIADE run logs its epochs as curves, step = epoch: train_loss, train_mse, train_perceptual,
+# train_ssim, epoch_seconds, and holdout_loss with early stopping.
+CURVE_NAMES = {"holdout_loss": "holdout_loss", "seconds": "epoch_seconds"}
 
 
 class TrackingError(ConnectionError):
@@ -55,17 +61,19 @@ def log_run_folder(run_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, ur
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(experiment, uri)
     dataset = Path(record["data"]["root"]).name
+    model_type = record["params"].get("model_type", "gaussian")
+    block = "piade" if model_type == "piade" else "model"  # the params.yaml block that model type reads
     shared = {
         "git_commit": record.get("git_commit"),
         "dvc_data_md5": record["data"].get("dvc_md5"),
         "dataset_root": record["data"]["root"],
-        **{f"model.{k}": v for k, v in record["params"]["model"].items()},
+        "model_type": model_type,
+        **{f"{block}.{k}": v for k, v in record["params"][block].items()},
     }
     client = MlflowClient(uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{dataset}-{run_dir.name}") as parent:
         logged = LoggedRun(parent.info.run_id)
-        mlflow.set_tags({"dataset": dataset, "model_type": record["params"]["model"].get("model_type", "gaussian"),
-                         "kind": "pipeline"})
+        mlflow.set_tags({"dataset": dataset, "model_type": model_type, "kind": "pipeline"})
         mlflow.log_params(_strings(shared))
         mlflow.log_metric("pipeline_seconds", record["seconds"])
         mlflow.log_artifact(str(record_path))
@@ -86,14 +94,16 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, 
     and return (registered name, version, whether new)."""
     metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
     config = json.loads((folder / "model" / "config.json").read_text())
-    with mlflow.start_run(experiment_id=experiment_id, run_name=folder.name, nested=True):
+    with mlflow.start_run(experiment_id=experiment_id, run_name=folder.name, nested=True) as run:
         mlflow.set_tags({"dataset": dataset, "category": folder.name, "model_type": config["model_type"]})
-        mlflow.log_params(_strings({**shared, **{k: config[k] for k in MODEL_PARAMS},
+        keys = PIADE_PARAMS if config["model_type"] == "piade" else MODEL_PARAMS
+        mlflow.log_params(_strings({**shared, **{k: config[k] for k in keys},
                                     "n_train_images": config.get("n_train_images")}))
         values = {k: metrics[k] for k in METRICS if metrics.get(k) is not None}
         values.update({f"threshold_{k}": v for k, v in metrics["thresholds"].items()})
         values.update(_stage_times(folder / "timings.json"))
         mlflow.log_metrics(values)
+        _log_loss_curves(run.info.run_id, config.get("loss_history", []))
         mlflow.log_artifacts(str(folder / "model"), "model")
         mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
         if register_from is not None:
@@ -101,12 +111,24 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, 
     return None
 
 
+def _log_loss_curves(run_id: str, history: list[dict]) -> None:
+    """A trained network's per-epoch records as metric curves, in batches: one HTTP request per 1000
+    values rather than one per value."""
+    timestamp = int(time.time() * 1000)
+    curves = [Metric(CURVE_NAMES.get(key, f"train_{key}"), float(value), timestamp, record["epoch"])
+              for record in history for key, value in record.items() if key != "epoch"]
+    client = MlflowClient()
+    for start in range(0, len(curves), 1000):
+        client.log_batch(run_id, metrics=curves[start:start + 1000])
+
+
 def _stage_times(path: Path) -> dict:
     """Seconds per stage (extraction, fit, scoring) and throughput, when the flow recorded them."""
     if not path.is_file():
         return {}
     timings = json.loads(path.read_text())
-    values = {k: v for k, v in timings.items() if k.endswith("_seconds") and v is not None}
+    values = {k: v for k, v in timings.items()
+              if (k.endswith("_seconds") or k in ("seconds_per_epoch", "epochs_trained")) and v is not None}
     for split in ("train", "test"):
         seconds = timings.get(f"extract_{split}_seconds")
         if seconds:
