@@ -163,3 +163,29 @@ def test_paper_preset_offline_says_how_to_get_weights(dataset, tmp_path):
     assert message.startswith("gaussad: error: cannot load the timm hub weights of 'tf_efficientnet_b4.aa_in1k'")
     assert "--preset lite0" in message or "package:efficientnet-lite0" in message
     assert "\n" not in message and not (tmp_path / "m").exists()
+
+
+def test_piade_fit_resume_evaluate_and_predict(dataset, tmp_path, capsys):
+    """--model-type piade end to end: a checkpointed fit, a rerun that resumes, evaluation with
+    reconstruction pictures, and predict through the same loader as the Gaussian model."""
+    model, checkpoints = tmp_path / "piade", tmp_path / "checkpoints"
+    piade = ["--model-type", "piade", "--preset", "lite0", "--image-size", "64", "--train-batch-size", "8",
+             "--checkpoint-dir", str(checkpoints), "--quiet"]
+    assert main(["fit", str(dataset), "-c", "weave", "-o", str(model), "--epochs", "1", *piade]) == 0
+    assert main(["fit", str(dataset), "-c", "weave", "-o", str(model), "--epochs", "2", *piade]) == 0
+    config = json.loads((model / "config.json").read_text())
+    assert config["model_type"] == "piade" and config["weights"] == "package:efficientnet-lite0"
+    assert config["resumed_from_epoch"] == 1 and [r["epoch"] for r in config["loss_history"]] == [1, 2]
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "weights.safetensors"]
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(model), str(dataset / "weave"), "-o", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["aupro"] <= 1
+    reconstructions = sorted((out / "reconstructions").iterdir())
+    assert len(reconstructions) == 8
+    with Image.open(reconstructions[0]) as picture:
+        assert picture.width > 600  # three panels
+    assert main(["predict", str(model), str(dataset / "weave" / "test" / "hole"), "-o", str(tmp_path / "pred"),
+                 "--quiet"]) == 0
+    assert len(pd.read_csv(tmp_path / "pred" / "predictions.csv")) == 3
