@@ -122,7 +122,9 @@ def test_piade_challenger_is_compared_with_the_gaussian_champion(mlflow_server, 
     assert flow_runs["first_champion"].promoted and flow_runs["first_champion"].challenger == "1"
     assert flow_runs["piade"]["registered"] == {"weave": "gaussad-data-weave/2"}
     client = MlflowClient(mlflow_server)
-    assert client.get_model_version("gaussad-data-weave", "2").tags["model_type"] == "piade"
+    tags = client.get_model_version("gaussad-data-weave", "2").tags
+    assert tags["model_type"] == "piade" and tags["weights"] == tags["perceptual_weights"] == "package:efficientnet-lite0"
+    assert tags["backbone"] == tags["perceptual"] == "tf_efficientnet_lite0"
     decision = promote("gaussad-data-weave", "image_auroc", uri=mlflow_server)
     piade_auroc = json.loads((flow_runs["piade_out"] / "weave" / "evaluation" / "metrics.json").read_text())
     gaussian_auroc = json.loads((flow_runs["out"] / "weave" / "evaluation" / "metrics.json").read_text())

@@ -37,6 +37,7 @@ from gaussad.evaluate import test_metrics
 CHAMPION, CHALLENGER = "champion", "challenger"
 PROMOTION_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy")
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+WEIGHT_KEYS = ("backbone", "weights", "perceptual", "perceptual_weights")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("binary", "image")]),  # paths and arrays pass too, in-process
     outputs=Schema([ColSpec("double", "score"), ColSpec("string", "label"), ColSpec("double", "threshold"),
@@ -79,6 +80,7 @@ def register_model(model_dir: Path, dataset: str, category: str, dataset_root: s
     version = mlflow.register_model(info.model_uri, name, tags={
         "dataset": dataset, "category": category, "dataset_root": dataset_root,
         "model_type": config["model_type"], "model_digest": digest,
+        **{k: str(config[k]) for k in WEIGHT_KEYS if k in config},  # which networks and weights were used
         **{f"metric.{k}": str(metrics[k]) for k in PROMOTION_METRICS if metrics.get(k) is not None},
     })
     client.set_registered_model_tag(name, "dataset", dataset)
