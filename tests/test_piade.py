@@ -514,7 +514,6 @@ def test_reconstruction_figure(runs, category, tmp_path):
 # ---- quality ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_a_short_cpu_training_ranks_defects_above_normal_images(tmp_path):
     """The smallest run found to rank better than chance: brushed, 64 px, 20 images, 10 epochs of the
     lite0 preset (AUROC 0.74 with seed 0; 0.67 and 0.71 with seeds 1 and 2). About 20 s on 2 cores."""
