@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from gaussad import __version__
 from gaussad.data import load_category
 from gaussad.evaluate import test_metrics
 
+# MLflow draws a progress bar per model download or upload: noise in flow logs. Users' settings win.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 CHAMPION, CHALLENGER = "champion", "challenger"
 PROMOTION_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy")
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
