@@ -1,7 +1,8 @@
 """PIADE on one demo category: training seconds per epoch, scoring speed and test AUROC.
 
     .venv/bin/python benchmarks/bench_piade.py [--category brushed] [--preset lite0] [--image-size 120]
-        [--epochs 5] [--train-batch-size 120] [--n-train 60] [--threads N] [--figure PATH]
+        [--epochs 5] [--train-batch-size 120] [--n-train 60] [--lambda-perceptual 1] [--lambda-ssim 1]
+        [--threads N] [--figure PATH]
 
 The demo category is written fresh into a temporary folder (n_train training images, 20 good and
 8 per defect type in test, 256 px PNGs resized to the image size by the model). The model is the
@@ -36,6 +37,8 @@ def main() -> None:
     parser.add_argument("--train-batch-size", type=int, default=120)
     parser.add_argument("--n-train", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lambda-perceptual", type=float, default=1.0)
+    parser.add_argument("--lambda-ssim", type=float, default=1.0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--figure", type=Path, help="write the reconstruction of the first defective test image here")
     args = parser.parse_args()
@@ -47,7 +50,8 @@ def main() -> None:
                            n_test_per_defect=8)
         category = load_category(tmp, args.category)
         model = PiadeAD.from_preset(args.preset, image_size=args.image_size, epochs=args.epochs,
-                                    train_batch_size=args.train_batch_size, seed=args.seed, progress=False)
+                                    train_batch_size=args.train_batch_size, seed=args.seed, progress=False,
+                                    lambda_perceptual=args.lambda_perceptual, lambda_ssim=args.lambda_ssim)
         model.fit(category.train)
         start = time.perf_counter()
         scores = model.score(category.test)
@@ -64,10 +68,11 @@ def main() -> None:
 
     info = model.fit_info
     losses = [record["loss"] for record in info["loss_history"]]
-    print("| category | preset | px | epochs | train images | batch | threads | s/epoch | fit s | "
+    print("| category | preset | λ1 | λ2 | px | epochs | train images | batch | threads | s/epoch | fit s | "
           "score img/s | loss first→last | image AUROC | pixel AUROC |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
-    print(f"| {args.category} | {args.preset} | {size} | {args.epochs} | {info['n_train_images']} | "
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    print(f"| {args.category} | {args.preset} | {args.lambda_perceptual:g} | {args.lambda_ssim:g} | {size} | "
+          f"{args.epochs} | {info['n_train_images']} | "
           f"{args.train_batch_size} | {torch.get_num_threads()} | {info['seconds_per_epoch']:.2f} | "
           f"{info['fit_seconds']:.1f} | {len(labels) / score_seconds:.1f} | {losses[0]:.3g}→{losses[-1]:.3g} | "
           f"{image_auroc(labels, scores.image):.3f} | {pixel_auroc(masks, scores.maps):.3f} |")

@@ -110,6 +110,14 @@ def test_force_promotes_and_says_so(mlflow_server, registry, capsys):
         client.set_registered_model_alias(NAME, "champion", "2")
 
 
+def test_a_champion_that_is_also_the_challenger_keeps_its_record(mlflow_server, registry):
+    client = MlflowClient(mlflow_server)
+    client.set_registered_model_alias(NAME, "challenger", aliases(client)["champion"])
+    decision = promote(NAME, uri=mlflow_server)
+    assert not decision.promoted and "already the champion" in decision.reason
+    assert client.get_model_version(NAME, aliases(client)["champion"]).tags["promotion.decision"] == "promoted"
+
+
 def test_promote_errors_name_the_problem(mlflow_server, registry, capsys):
     with tracking_to(mlflow_server):
         assert main(["promote", "gaussad-promo-nothing"]) == 2

@@ -169,7 +169,8 @@ def promote(name: str, metric: str = "image_auroc", dataset_root: str | None = N
         promoted, reason = True, f"forced: {reason}"
     decision = Promotion(name, challenger.version, champion.version if champion else None, metric,
                          challenger_value, champion_value, promoted, reason)
-    _record(client, decision)
+    if champion is None or champion.version != challenger.version:  # the champion keeps its own record
+        _record(client, decision)
     return decision
 
 
