@@ -24,7 +24,7 @@ from gaussad.registry import PROMOTION_METRICS, promote  # noqa: E402
 from gaussad.tracking import tracking_uri  # noqa: E402
 
 
-@task(cache_policy=NO_CACHE)  # the answer depends on the registry's state, not on the inputs
+@task(cache_policy=NO_CACHE, task_run_name="promote-{name}")  # the registry decides, not the inputs
 def promote_model(name: str, metric: str, dataset_root: str | None, force: bool) -> dict:
     with device_lock():  # scoring two models on the test split
         return asdict(promote(name, metric, dataset_root, force, uri=tracking_uri()))
