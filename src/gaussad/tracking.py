@@ -103,7 +103,7 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, 
         values.update({f"threshold_{k}": v for k, v in metrics["thresholds"].items()})
         values.update(_stage_times(folder / "timings.json"))
         mlflow.log_metrics(values)
-        _log_loss_curves(run.info.run_id, config.get("loss_history", []))
+        _log_loss_curves(client, run.info.run_id, config.get("loss_history", []))
         mlflow.log_artifacts(str(folder / "model"), "model")
         mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
         if register_from is not None:
@@ -111,13 +111,12 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, 
     return None
 
 
-def _log_loss_curves(run_id: str, history: list[dict]) -> None:
+def _log_loss_curves(client: MlflowClient, run_id: str, history: list[dict]) -> None:
     """A trained network's per-epoch records as metric curves, in batches: one HTTP request per 1000
     values rather than one per value."""
     timestamp = int(time.time() * 1000)
     curves = [Metric(CURVE_NAMES.get(key, f"train_{key}"), float(value), timestamp, record["epoch"])
               for record in history for key, value in record.items() if key != "epoch"]
-    client = MlflowClient()
     for start in range(0, len(curves), 1000):
         client.log_batch(run_id, metrics=curves[start:start + 1000])
 
