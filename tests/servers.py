@@ -16,10 +16,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def healthy(url: str) -> bool:
-    """Whether `<url>/health` answers 200 (Prefect's API and MLflow's server both have one)."""
+def healthy(url: str, path: str = "/health") -> bool:
+    """Whether `<url><path>` answers 200 (Prefect's API and MLflow's server have /health, a model
+    served by `mlflow models serve` has /ping)."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+        with urllib.request.urlopen(f"{url}{path}", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False

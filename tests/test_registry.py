@@ -27,7 +27,7 @@ from gaussad.evaluate import evaluate
 from gaussad.model import GaussianAD
 from gaussad.registry import promote
 from gaussad.tracking import log_run_folder
-from servers import free_port, tracking_to, wait_for
+from servers import free_port, healthy, tracking_to, wait_for
 
 CATEGORY = "hexnut"
 NAME = f"gaussad-promo-{CATEGORY}"  # the dataset folder is named "promo"
@@ -164,7 +164,8 @@ def test_mlflow_models_serve_scores_a_posted_image(mlflow_server, registry, tmp_
         env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        wait_for(lambda: _ping(port) or server.poll() is not None, 120, "mlflow models serve")
+        wait_for(lambda: healthy(f"http://127.0.0.1:{port}", "/ping") or server.poll() is not None, 120,
+                 "mlflow models serve")
         assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
         encoded = base64.b64encode(path.read_bytes()).decode()
         body = {"dataframe_split": {"columns": ["image"], "data": [[encoded]]}, "params": {"return_maps": False}}
@@ -177,14 +178,6 @@ def test_mlflow_models_serve_scores_a_posted_image(mlflow_server, registry, tmp_
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-
-
-def _ping(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def test_png_round_trip_matches_the_file(registry):

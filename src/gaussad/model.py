@@ -55,7 +55,50 @@ class Scores:
     maps: np.ndarray  # [N, S, S] float32 pixel anomaly scores at the model's image size
 
 
-class GaussianAD:
+class NormalThresholds:
+    """Thresholds every model type keeps in `self.thresholds` (its config holds `normal_quantile`):
+    set from defect-free scores, used by predict and for the heat maps' colour range."""
+
+    thresholds: dict[str, float]
+    config: dict
+
+    def set_normal_thresholds(self, normal: Scores) -> None:
+        """Thresholds from defect-free scores alone, usable where no defect is labelled."""
+        q = self.config["normal_quantile"]
+        self.thresholds["image_normal_quantile"] = float(np.quantile(normal.image, q))
+        self.thresholds["pixel_normal_quantile"] = float(np.quantile(normal.maps, PIXEL_NORMAL_QUANTILE))
+        self.thresholds["pixel_normal_median"] = float(np.median(normal.maps))
+
+    @property
+    def decision_threshold(self) -> float:
+        """The image threshold `predict` uses: F1-optimal once evaluated on labelled data, else normal."""
+        return self.thresholds.get("image_f1_optimal", self.thresholds["image_normal_quantile"])
+
+    def display_range(self) -> tuple[float, float]:
+        """A fixed heat-map colour range per model, so pictures compare: from the median normal pixel
+        score to 1.5 times as far above it as the pixel threshold (so red means well above normal)."""
+        low, threshold = self.thresholds["pixel_normal_median"], self.thresholds["pixel_normal_quantile"]
+        return low, low + 1.5 * (threshold - low)
+
+
+def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], tensors_file: str,
+                       config: dict) -> Path:
+    """Write a model folder (config.json + a safetensors file); it appears whole or not at all."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
+    partial.mkdir()
+    try:
+        save_file(tensors, str(partial / tensors_file))
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
+        _replace_folder(partial, directory)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return directory
+
+
+class GaussianAD(NormalThresholds):
     """Anomaly detector from per-level Gaussians of pretrained CNN features (fit/score/save/load)."""
 
     def __init__(
@@ -197,44 +240,13 @@ class GaussianAD:
         if not self.image_gaussians:
             raise RuntimeError("the model is not fitted: call fit() or GaussianAD.load() first")
 
-    # ---- thresholds ----------------------------------------------------------------------------
-
-    def set_normal_thresholds(self, normal: Scores) -> None:
-        """Thresholds from defect-free scores alone, usable where no defect is labelled."""
-        q = self.config["normal_quantile"]
-        self.thresholds["image_normal_quantile"] = float(np.quantile(normal.image, q))
-        self.thresholds["pixel_normal_quantile"] = float(np.quantile(normal.maps, PIXEL_NORMAL_QUANTILE))
-        self.thresholds["pixel_normal_median"] = float(np.median(normal.maps))
-
-    @property
-    def decision_threshold(self) -> float:
-        """The image threshold `predict` uses: F1-optimal once evaluated on labelled data, else normal."""
-        return self.thresholds.get("image_f1_optimal", self.thresholds["image_normal_quantile"])
-
-    def display_range(self) -> tuple[float, float]:
-        """A fixed heat-map colour range per model, so pictures compare: from the median normal pixel
-        score to 1.5 times as far above it as the pixel threshold (so red means well above normal)."""
-        low, threshold = self.thresholds["pixel_normal_median"], self.thresholds["pixel_normal_quantile"]
-        return low, low + 1.5 * (threshold - low)
-
     # ---- save / load ---------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
         """Write config.json + stats.safetensors; the folder appears whole or not at all."""
         if not self.image_gaussians:
             raise RuntimeError("the model is not fitted: nothing to save")
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
-        partial.mkdir()
-        try:
-            save_file(self._tensors(), str(partial / "stats.safetensors"))
-            (partial / "config.json").write_text(json.dumps(self.to_config(), indent=2))
-            _replace_folder(partial, directory)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-        return directory
+        return write_model_folder(directory, self._tensors(), "stats.safetensors", self.to_config())
 
     def to_config(self) -> dict:
         return {

@@ -62,7 +62,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -81,7 +80,7 @@ from tqdm.auto import tqdm
 from gaussad import __version__
 from gaussad.data import ImageSet, read_rgb
 from gaussad.features import LITE0_PACKAGE, WeightsError, build_model, default_device, normalization, to_tensor
-from gaussad.model import PIXEL_NORMAL_QUANTILE, ModelFileError, Scores, _replace_folder
+from gaussad.model import ModelFileError, NormalThresholds, Scores, _replace_folder, write_model_folder
 
 FORMAT_VERSION = 1
 TABLE_1 = {"learning_rate": 1e-3, "weight_decay": 1e-4, "train_batch_size": 120, "epochs": 400}
@@ -427,7 +426,7 @@ class ReconstructionLoss(nn.Module):
 # ---- the estimator -----------------------------------------------------------------------------
 
 
-class PiadeAD:
+class PiadeAD(NormalThresholds):
     """PIADE as a fit/score/save/load anomaly detector, with GaussianAD's interface."""
 
     def __init__(
@@ -565,43 +564,13 @@ class PiadeAD:
         return _concatenate([self.score_batch(images_nchw[i:i + self.batch_size])
                              for i in range(0, len(images_nchw), self.batch_size)])
 
-    # ---- thresholds ----------------------------------------------------------------------------------
-
-    def set_normal_thresholds(self, normal: Scores) -> None:
-        """Thresholds from defect-free scores alone, usable where no defect is labelled."""
-        self.thresholds["image_normal_quantile"] = float(np.quantile(normal.image, self.config["normal_quantile"]))
-        self.thresholds["pixel_normal_quantile"] = float(np.quantile(normal.maps, PIXEL_NORMAL_QUANTILE))
-        self.thresholds["pixel_normal_median"] = float(np.median(normal.maps))
-
-    @property
-    def decision_threshold(self) -> float:
-        """The image threshold `predict` uses: F1-optimal once evaluated on labelled data, else normal."""
-        return self.thresholds.get("image_f1_optimal", self.thresholds["image_normal_quantile"])
-
-    def display_range(self) -> tuple[float, float]:
-        """Heat-map colour range: from the median normal pixel score to 1.5 times as far above it as
-        the pixel threshold (as GaussianAD)."""
-        low, threshold = self.thresholds["pixel_normal_median"], self.thresholds["pixel_normal_quantile"]
-        return low, low + 1.5 * (threshold - low)
-
     # ---- save / load ---------------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
         """Write config.json + weights.safetensors; the folder appears whole or not at all."""
         if not self.fit_info:
             raise RuntimeError("the model is not trained: nothing to save")
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
-        partial.mkdir()
-        try:
-            save_file(self._tensors(), str(partial / "weights.safetensors"))
-            (partial / "config.json").write_text(json.dumps(self.to_config(), indent=2))
-            _replace_folder(partial, directory)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-        return directory
+        return write_model_folder(directory, self._tensors(), "weights.safetensors", self.to_config())
 
     def to_config(self) -> dict:
         return {
