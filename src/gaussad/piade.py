@@ -80,7 +80,8 @@ from tqdm.auto import tqdm
 from gaussad import __version__
 from gaussad.data import ImageSet, read_rgb
 from gaussad.features import LITE0_PACKAGE, WeightsError, build_model, default_device, normalization, to_tensor
-from gaussad.model import ModelFileError, NormalThresholds, Scores, _replace_folder, write_model_folder
+from gaussad.model import (ModelFileError, NormalThresholds, Scores, _read_json, _replace_folder,
+                           write_model_folder)
 
 FORMAT_VERSION = 1
 TABLE_1 = {"learning_rate": 1e-3, "weight_decay": 1e-4, "train_batch_size": 120, "epochs": 400}
@@ -863,12 +864,7 @@ def _digest(paths: Sequence[str]) -> str:
 
 
 def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise ModelFileError(f"{path.parent} is not a gaussad model folder: {path.name} is missing")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelFileError(f"{path} is not valid JSON: {err}") from None
+    config = _read_json(path)
     if config.get("model_type") != "piade":
         raise ModelFileError(f"{path}: model_type {config.get('model_type')!r} is not 'piade'")
     if config.get("format_version") != FORMAT_VERSION:
