@@ -271,7 +271,7 @@ class GaussianAD(NormalThresholds):
              batch_size: int = 16) -> "GaussianAD":
         """Rebuild a saved model; shapes and format version are checked against the backbone."""
         directory = Path(directory)
-        config = _read_config(directory)
+        config = read_model_config(directory / "config.json", "gaussian", FORMAT_VERSION)
         keys = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
                 "normal_quantile", "seed")
         try:
@@ -283,7 +283,7 @@ class GaussianAD(NormalThresholds):
         model.thresholds = dict(config.get("thresholds", {}))
         model.fit_info = {k: v for k, v in config.items() if k not in keys and k not in
                           ("format_version", "gaussad_version", "model_type", "thresholds")}
-        tensors = _read_stats(directory / "stats.safetensors")
+        tensors = read_tensors(directory / "stats.safetensors")
         for kind, target in (("image", model.image_gaussians), ("pixel", model.pixel_gaussians)):
             for level in model.config["levels"]:
                 try:
@@ -353,20 +353,21 @@ def _read_json(path: Path) -> dict:
         raise ModelFileError(f"{path} is not valid JSON: {err}") from None
 
 
-def _read_config(directory: Path) -> dict:
-    path = directory / "config.json"
+def read_model_config(path: Path, model_type: str, format_version: int) -> dict:
+    """A model folder's config.json, checked to be of `model_type` and `format_version`."""
     config = _read_json(path)
-    if config.get("model_type") != "gaussian":
-        raise ModelFileError(f"{path}: model_type {config.get('model_type')!r} is not 'gaussian'")
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("model_type") != model_type:
+        raise ModelFileError(f"{path}: model_type {config.get('model_type')!r} is not {model_type!r}")
+    if config.get("format_version") != format_version:
         raise ModelFileError(
-            f"{path}: format version {config.get('format_version')} is not {FORMAT_VERSION} "
-            f"(saved by gaussad {config.get('gaussad_version')}, this is {__version__}); refit the model"
+            f"{path}: format version {config.get('format_version')} is not {format_version} "
+            f"(saved by gaussad {config.get('gaussad_version')}, this is {__version__}); train the model again"
         )
     return config
 
 
-def _read_stats(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A model folder's safetensors file; ModelFileError names it when missing or unreadable."""
     if not path.is_file():
         raise ModelFileError(f"{path} is missing")
     try:

@@ -80,8 +80,8 @@ from tqdm.auto import tqdm
 from gaussad import __version__
 from gaussad.data import ImageSet, read_rgb
 from gaussad.features import LITE0_PACKAGE, WeightsError, build_model, default_device, normalization, to_tensor
-from gaussad.model import (ModelFileError, NormalThresholds, Scores, _read_json, _replace_folder,
-                           write_model_folder)
+from gaussad.model import (ModelFileError, NormalThresholds, Scores, _replace_folder, read_model_config,
+                           read_tensors, write_model_folder)
 
 FORMAT_VERSION = 1
 TABLE_1 = {"learning_rate": 1e-3, "weight_decay": 1e-4, "train_batch_size": 120, "epochs": 400}
@@ -596,7 +596,7 @@ class PiadeAD(NormalThresholds):
         """Rebuild a saved model from its folder alone (no weight source is needed)."""
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "weights.safetensors"
-        saved = _read_config(config_path)
+        saved = read_model_config(config_path, "piade", FORMAT_VERSION)
         missing = [k for k in CONFIG_KEYS if k not in saved]
         if missing:
             raise ModelFileError(f"{config_path} lacks the key(s) {', '.join(missing)}")
@@ -608,7 +608,7 @@ class PiadeAD(NormalThresholds):
         model.thresholds = dict(saved.get("thresholds", {}))
         model.fit_info = {k: v for k, v in saved.items() if k not in CONFIG_KEYS and k not in
                           ("format_version", "gaussad_version", "model_type", "thresholds")}
-        tensors = _read_weights(weights_path)
+        tensors = read_tensors(weights_path)
         model._load_state(model.net, "net.", tensors, weights_path)
         if model.loss.perceptual is not None:
             model._load_state(model.loss.perceptual, "perceptual.", tensors, weights_path)
@@ -861,24 +861,3 @@ def _split(n_images: int, holdout: float, seed: int) -> tuple[list[int], list[in
 
 def _digest(paths: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()
-
-
-def _read_config(path: Path) -> dict:
-    config = _read_json(path)
-    if config.get("model_type") != "piade":
-        raise ModelFileError(f"{path}: model_type {config.get('model_type')!r} is not 'piade'")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: format version {config.get('format_version')} is not {FORMAT_VERSION} "
-            f"(saved by gaussad {config.get('gaussad_version')}, this is {__version__}); retrain the model"
-        )
-    return config
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelFileError(f"{path} is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ModelFileError(f"cannot read {path}: {err}") from None
