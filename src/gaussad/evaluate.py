@@ -41,20 +41,17 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     test = category.test
-    labels = np.asarray(test.labels)
     if scores is None:
         start = time.perf_counter()
         scores = model.score(test)
         score_seconds = time.perf_counter() - start
 
-    metrics = test_metrics(category, scores, model.config["image_size"])
+    metrics, labelled_thresholds = _metrics_and_thresholds(category, scores, model.config["image_size"])
     metrics.update(
         score_seconds=None if score_seconds is None else round(score_seconds, 3),
         images_per_second=None if not score_seconds else round(len(test) / score_seconds, 2),
     )
-    if 0 < labels.sum() < len(labels):
-        model.thresholds.update(image_f1_optimal=f1_optimal_threshold(labels, scores.image)[0],
-                                image_balanced_accuracy=best_balanced_accuracy(labels, scores.image)[0])
+    model.thresholds.update(labelled_thresholds)
     metrics["thresholds"] = dict(model.thresholds)
 
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -66,6 +63,11 @@ def evaluate(
 def test_metrics(category: Category, scores: Scores, size: int) -> dict:
     """Image AUROC, pixel AUROC, AUPRO and, with both classes present, the best F1 and balanced
     accuracy of the test split's `scores` (maps at `size` px)."""
+    return _metrics_and_thresholds(category, scores, size)[0]
+
+
+def _metrics_and_thresholds(category: Category, scores: Scores, size: int) -> tuple[dict, dict]:
+    """test_metrics, and the image thresholds at which the best F1 and balanced accuracy are reached."""
     labels = np.asarray(category.test.labels)
     metrics = {
         "category": category.name,
@@ -74,10 +76,12 @@ def test_metrics(category: Category, scores: Scores, size: int) -> dict:
         "image_auroc": image_auroc(labels, scores.image),
         **_pixel_metrics(category, scores, size),
     }
+    thresholds = {}
     if 0 < labels.sum() < len(labels):
-        metrics.update(f1=f1_optimal_threshold(labels, scores.image)[1],
-                       balanced_accuracy=best_balanced_accuracy(labels, scores.image)[1])
-    return metrics
+        thresholds["image_f1_optimal"], metrics["f1"] = f1_optimal_threshold(labels, scores.image)
+        thresholds["image_balanced_accuracy"], metrics["balanced_accuracy"] = best_balanced_accuracy(
+            labels, scores.image)
+    return metrics, thresholds
 
 
 def _pixel_metrics(category: Category, scores: Scores, size: int) -> dict:
