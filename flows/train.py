@@ -15,15 +15,21 @@ cache. The flow run fails at the end if any category did.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import yaml
@@ -35,19 +41,23 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy  # noqa: E402
+from prefect.context import TaskRunContext  # noqa: E402
 from prefect.futures import PrefectFuture  # noqa: E402
 
-from gaussad.data import Category, DatasetError, list_categories, load_category  # noqa: E402
+from gaussad.data import Category, list_categories, load_category  # noqa: E402
+from gaussad.errors import DatasetError, GaussadError  # noqa: E402
 from gaussad.evaluate import evaluate  # noqa: E402
 from gaussad.features import Backbone, FeatureStore  # noqa: E402
 from gaussad.model import GaussianAD  # noqa: E402
+from gaussad.output_folders import claim_output_folder  # noqa: E402
 from gaussad.piade import PiadeAD  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("GAUSSAD_CACHE_DIR", ".gaussad-cache"))
 BACKBONE_KEYS = ("backbone", "weights", "levels", "image_size", "seed")
 MODEL_KEYS = BACKBONE_KEYS + ("reduction", "variance", "spatial", "normal_quantile")
 MODEL_TYPES = ("gaussian", "piade")
+CACHE_FOLDERS = {"features", "models", "evaluations", "checkpoints", "results"}
 # One extraction or scoring at a time per process: two categories must not fight over one GPU
 # (or oversubscribe the CPU cores). Prefect's thread pool runs the categories' tasks concurrently.
 _DEVICE_LOCK = threading.BoundedSemaphore(1)
@@ -87,93 +97,201 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# ---- cache folders -----------------------------------------------------------------------------
+# Each task writes one folder under the cache, at a path that is a function of its inputs, and
+# returns that path: its Prefect result record holds only the path string.
+
+FEATURE_FILES = ("meta.json",)  # the files that make a folder complete (each written last)
+MODEL_FILES = ("config.json",)
+EVALUATION_FILES = ("timings.json", "evaluation/metrics.json")
+
+
+def features_folder(cache_dir: str, digest: str, backbone: dict, **_) -> Path:
+    return Path(cache_dir) / "features" / f"{digest[:24]}-{settings_digest(backbone)}"
+
+
+def model_folder(cache_dir: str, train_store: str, settings: dict, holdout: float, **_) -> Path:
+    return Path(cache_dir) / "models" / f"{Path(train_store).name}-{settings_digest({**settings, 'holdout': holdout})}"
+
+
+def evaluation_folder(cache_dir: str, model_dir: str, digest: str, **_) -> Path:
+    return Path(cache_dir) / "evaluations" / f"{Path(model_dir).name}-{digest[:16]}"
+
+
+def piade_key(digest: str, settings: dict) -> str:
+    return f"{digest[:24]}-{settings_digest(settings)}"
+
+
+def piade_folder(cache_dir: str, digest: str, settings: dict, **_) -> Path:
+    return Path(cache_dir) / "models" / f"piade-{piade_key(digest, settings)}"
+
+
+def is_complete(folder: Path, files: tuple[str, ...]) -> bool:
+    return all((folder / name).is_file() for name in files)
+
+
+@dataclass
+class WhileComplete(CachePolicy):
+    """`policy`'s cache key, but a cached result is trusted only while the folder it points to
+    (`folder(**task inputs)`) holds `files`.
+
+    When a record exists and its folder is gone or incomplete (deleted by hand, or left by an older
+    version), the key is None: Prefect then neither reads nor writes a record and the task runs. The
+    key cannot simply include "is the folder complete", as it is computed before the task runs: the
+    record written then would be keyed "incomplete" and missed by every later run. The stale record
+    stays and is right again once the task has rewritten the folder (same inputs, same path)."""
+
+    policy: CachePolicy | None = None
+    folder: Callable[..., Path] | None = None
+    files: tuple[str, ...] = ()
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict, flow_parameters: dict, **kwargs) -> str | None:
+        key = self.policy.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+        if key and not is_complete(self.folder(**inputs), self.files) and task_ctx.result_store.exists(key):
+            return None
+        return key
+
+
+@contextmanager
+def new_folder(target: Path, files: tuple[str, ...]) -> Iterator[Path]:
+    """A path to write `target` at, renamed to `target` when the block ends without an error, so
+    that the folder appears whole or not at all (a flow killed midway leaves only a hidden scratch
+    folder, which nothing reads). If another flow on the same cache completed `target` first, its
+    folder is kept and this one discarded; an incomplete `target` is replaced."""
+    _remove_abandoned(target)
+    prefix = f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+    scratch = target.parent / f"{prefix}{uuid.uuid4().hex[:12]}"  # unique per process and thread
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch / target.name
+        if target.exists() and not is_complete(target, files):
+            try:
+                target.rename(scratch / "replaced")  # one rename: readers never see half a folder
+            except FileNotFoundError:
+                pass  # another flow moved it first
+        try:
+            (scratch / target.name).rename(target)
+        except OSError:  # target is a non-empty folder again: another flow put its own in place
+            if not is_complete(target, files):
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Scratch folders of `target` left by processes of this host that were killed."""
+    prefix = f".{target.name}.tmp-{socket.gethostname()}-"
+    for scratch in target.parent.glob(glob.escape(prefix) + "*"):
+        pid = scratch.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _is_running(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 # ---- tasks -------------------------------------------------------------------------------------
 
-@task(cache_policy=INPUTS - "paths" + TASK_SOURCE, persist_result=True, task_run_name="extract-{name}-{split}")
+@task(cache_policy=WhileComplete(policy=INPUTS - "paths" + TASK_SOURCE, folder=features_folder, files=FEATURE_FILES),
+      persist_result=True, task_run_name="extract-{name}-{split}")
 def extract_features(name: str, split: str, paths: list[str], digest: str, backbone: dict,
                      batch_size: int, cache_dir: str) -> str:
     """Features of one split's images -> a FeatureStore folder named by the content and settings."""
-    directory = Path(cache_dir) / "features" / f"{digest[:24]}-{settings_digest(backbone)}"
-    shutil.rmtree(directory, ignore_errors=True)  # an interrupted earlier extraction
-    with device_lock():
+    directory = features_folder(cache_dir, digest, backbone)
+    with device_lock(), new_folder(directory, FEATURE_FILES) as scratch:
         extractor = Backbone(backbone["backbone"], backbone["weights"], backbone["levels"], backbone["image_size"],
                              seed=backbone["seed"])
-        FeatureStore.write(extractor, [Path(p) for p in paths], directory, batch_size, progress=False)
+        FeatureStore.write(extractor, [Path(p) for p in paths], scratch, batch_size, progress=False)
     return str(directory)
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, task_run_name="fit-{name}")
+@task(cache_policy=WhileComplete(policy=INPUTS + TASK_SOURCE, folder=model_folder, files=MODEL_FILES),
+      persist_result=True, task_run_name="fit-{name}")
 def fit_model(name: str, train_store: str, settings: dict, holdout: float, cache_dir: str) -> str:
     """Per-level Gaussians and normal thresholds from the training features -> a model folder."""
-    model_dir = Path(cache_dir) / "models" / f"{Path(train_store).name}-{settings_digest({**settings, 'holdout': holdout})}"
+    model_dir = model_folder(cache_dir, train_store, settings, holdout)
     with device_lock():
         model = GaussianAD(**settings, progress=False).fit_store(FeatureStore(train_store), holdout)
-    model.save(model_dir)
+    with new_folder(model_dir, MODEL_FILES) as scratch:
+        model.save(scratch)
     return str(model_dir)
 
 
-@task(cache_policy=INPUTS - "dataset_root" + TASK_SOURCE, persist_result=True, task_run_name="evaluate-{name}")
+@task(cache_policy=WhileComplete(policy=INPUTS - "dataset_root" + TASK_SOURCE, folder=evaluation_folder,
+                                 files=EVALUATION_FILES),
+      persist_result=True, task_run_name="evaluate-{name}")
 def evaluate_model(name: str, dataset_root: str, model_dir: str, test_store: str, digest: str,
                    cache_dir: str) -> str:
     """Metrics, thresholds and pictures on the test split -> an evaluation folder (with the model)."""
-    out = Path(cache_dir) / "evaluations" / f"{Path(model_dir).name}-{digest[:16]}"
-    shutil.rmtree(out, ignore_errors=True)
+    out = evaluation_folder(cache_dir, model_dir, digest)
     model = GaussianAD.load(model_dir, progress=False)
     category = load_category(dataset_root, name, validate=False)
     with device_lock():
         start = time.perf_counter()
         scores = model.score_store(FeatureStore(test_store))
         seconds = time.perf_counter() - start
-    evaluate(model, category, out / "evaluation", scores=scores, score_seconds=seconds)
-    model.save(out / "model")  # with the thresholds calibrated on the labelled test split
-    timings = {
-        "extract_train_seconds": model.fit_info.get("extract_seconds"),
-        "fit_seconds": model.fit_info.get("fit_seconds"),
-        "extract_test_seconds": FeatureStore(test_store).seconds,
-        "score_seconds": round(seconds, 3),
-        "n_train_images": model.fit_info["n_train_images"] + model.fit_info["n_holdout_images"],
-        "n_test_images": len(category.test),
-    }
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    with new_folder(out, EVALUATION_FILES) as scratch:
+        evaluate(model, category, scratch / "evaluation", scores=scores, score_seconds=seconds)
+        model.save(scratch / "model")  # with the thresholds calibrated on the labelled test split
+        timings = {
+            "extract_train_seconds": model.fit_info.get("extract_seconds"),
+            "fit_seconds": model.fit_info.get("fit_seconds"),
+            "extract_test_seconds": FeatureStore(test_store).seconds,
+            "score_seconds": round(seconds, 3),
+            "n_train_images": model.fit_info["n_train_images"] + model.fit_info["n_holdout_images"],
+            "n_test_images": len(category.test),
+        }
+        (scratch / "timings.json").write_text(json.dumps(timings, indent=2))
     return str(out)
 
 
-@task(cache_policy=INPUTS - "paths" + TASK_SOURCE, persist_result=True, task_run_name="train-{name}")
+@task(cache_policy=WhileComplete(policy=INPUTS - "paths" + TASK_SOURCE, folder=piade_folder, files=MODEL_FILES),
+      persist_result=True, task_run_name="train-{name}")
 def train_piade(name: str, paths: list[str], digest: str, settings: dict, cache_dir: str) -> str:
     """PIADE trained on the training images -> a model folder. Checkpoints are kept in the cache, so
     an interrupted run resumes from its last epoch when the flow runs again."""
-    key = f"{digest[:24]}-{settings_digest(settings)}"
     options = {k: v for k, v in settings.items() if k not in ("preset", "holdout")}
     with device_lock():
         model = PiadeAD.from_preset(settings["preset"], **options, progress=False)
-        model.fit(paths, settings["holdout"], checkpoint_dir=Path(cache_dir) / "checkpoints" / key)
-    model_dir = Path(cache_dir) / "models" / f"piade-{key}"
-    model.save(model_dir)
+        model.fit(paths, settings["holdout"],
+                  checkpoint_dir=Path(cache_dir) / "checkpoints" / piade_key(digest, settings))
+    model_dir = piade_folder(cache_dir, digest, settings)
+    with new_folder(model_dir, MODEL_FILES) as scratch:
+        model.save(scratch)
     return str(model_dir)
 
 
-@task(cache_policy=INPUTS - "dataset_root" + TASK_SOURCE, persist_result=True, task_run_name="evaluate-{name}")
+@task(cache_policy=WhileComplete(policy=INPUTS - "dataset_root" + TASK_SOURCE, folder=evaluation_folder,
+                                 files=EVALUATION_FILES),
+      persist_result=True, task_run_name="evaluate-{name}")
 def evaluate_piade(name: str, dataset_root: str, model_dir: str, digest: str, cache_dir: str) -> str:
     """Metrics, thresholds, reconstructions and heat maps on the test split -> an evaluation folder."""
-    out = Path(cache_dir) / "evaluations" / f"{Path(model_dir).name}-{digest[:16]}"
-    shutil.rmtree(out, ignore_errors=True)
+    out = evaluation_folder(cache_dir, model_dir, digest)
     model = PiadeAD.load(model_dir, progress=False)
     category = load_category(dataset_root, name, validate=False)
-    with device_lock():
-        start = time.perf_counter()
-        scores = model.score(category.test)
-        seconds = time.perf_counter() - start
-        evaluate(model, category, out / "evaluation", scores=scores, score_seconds=seconds)  # reconstructs too
-    model.save(out / "model")
-    timings = {
-        "fit_seconds": model.fit_info["fit_seconds"],
-        "seconds_per_epoch": model.fit_info["seconds_per_epoch"],
-        "epochs_trained": model.fit_info["epochs_trained"],
-        "score_seconds": round(seconds, 3),
-        "n_train_images": model.fit_info["n_train_images"] + model.fit_info["n_holdout_images"],
-        "n_test_images": len(category.test),
-    }
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    with new_folder(out, EVALUATION_FILES) as scratch:
+        with device_lock():
+            start = time.perf_counter()
+            scores = model.score(category.test)
+            seconds = time.perf_counter() - start
+            evaluate(model, category, scratch / "evaluation", scores=scores, score_seconds=seconds)  # reconstructs too
+        model.save(scratch / "model")
+        timings = {
+            "fit_seconds": model.fit_info["fit_seconds"],
+            "seconds_per_epoch": model.fit_info["seconds_per_epoch"],
+            "epochs_trained": model.fit_info["epochs_trained"],
+            "score_seconds": round(seconds, 3),
+            "n_train_images": model.fit_info["n_train_images"] + model.fit_info["n_holdout_images"],
+            "n_test_images": len(category.test),
+        }
+        (scratch / "timings.json").write_text(json.dumps(timings, indent=2))
     return str(out)
 
 
@@ -195,6 +313,9 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
     backbone = {k: settings[k] for k in BACKBONE_KEYS}
     cache = str(Path(cache_dir or DEFAULT_CACHE).resolve())
     names = categories or params.get("data", {}).get("categories") or list_categories(dataset_root)
+    # Both are refused before any compute if they hold files gaussad did not write.
+    claim_output_folder(out_dir, "pipeline-run")
+    claim_output_folder(cache, "cache", adopt=lambda entries: set(entries) <= CACHE_FOLDERS)
 
     started = time.perf_counter()
     futures: dict[str, dict[str, PrefectFuture]] = {}
@@ -378,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         flow_to_run(args.data or params["data"]["root"], args.categories, args.params, args.out, args.cache_dir,
                     args.track, args.experiment)
-    except (RuntimeError, ConnectionError) as err:  # failed categories; an unreachable tracking server
+    except (GaussadError, RuntimeError, ConnectionError) as err:  # bad input; failed categories; no server
         print(f"gaussad-train: {err}", file=sys.stderr)
         return 1
     return 0

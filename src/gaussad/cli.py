@@ -1,7 +1,8 @@
 """The `gaussad` command: demo-data, fit, evaluate, predict, demo.
 
 A user error (bad path, unreadable image, missing mask, unknown category, unloadable weights, bad
-model folder) ends in one line `gaussad: error: ...` and exit code 2, never a traceback.
+model folder, an output path holding files gaussad did not write) ends in one line
+`gaussad: error: ...` and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,26 +10,31 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from gaussad.data import IMAGE_SUFFIXES, ImageSet, list_categories, load_category, read_rgb, validate_images
 from gaussad.demo import DEMO_CATEGORIES, write_demo_dataset
 from gaussad.evaluate import evaluate
-from gaussad.features import WeightsError
+from gaussad.errors import GaussadError
 from gaussad.model import PRESETS, GaussianAD, load_model
+from gaussad.output_folders import check_model_destination, check_output_folder, claim_output_folder
 from gaussad.piade import PiadeAD
 from gaussad.plots import save_overlay
 
 # OSError: missing files, permissions, a full disk, an unreachable tracking server
-USER_ERRORS = (ValueError, WeightsError, OSError)
+USER_ERRORS = (GaussadError, ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # gaussad refuses images above Pillow's warning bound with an error of its own (gaussad.data)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         args.run(args)
     except USER_ERRORS as err:
@@ -180,6 +186,7 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 
 def _fit(args: argparse.Namespace) -> None:
+    check_model_destination(args.model)  # a user's folder or file is never replaced
     category = _category(args)  # validated before any compute
     model = _model_from_arguments(args)
     _train(model, category.train, args)
@@ -188,6 +195,8 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    check_output_folder(args.out, "evaluation")  # evaluate() creates it once the inputs are valid
+    check_model_destination(args.model)  # evaluate saves the thresholds back into the model folder
     category = _category(args)  # validated before the model is even loaded
     model = load_model(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
     metrics = evaluate(model, category, args.out, args.overlays)
@@ -197,9 +206,11 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    check_output_folder(args.out, "predictions")
     model = load_model(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
     images = ImageSet.from_paths(_expand_image_arguments(args.images))
     validate_images(images)
+    claim_output_folder(args.out, "predictions")
     threshold = _threshold(model, args.threshold)
     scores = model.score(images)
     vmin, vmax = model.display_range()
@@ -267,6 +278,7 @@ def _promote(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    claim_output_folder(args.out, "demo")  # before the demo data is written, so a bad --out costs nothing
     if not args.data.is_dir() or not any(args.data.iterdir()):
         write_demo_dataset(args.data)
     rows = []

@@ -9,18 +9,22 @@ Every problem a user can cause ends in one `DatasetError` naming the path.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from gaussad.errors import DatasetError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Pillow's own warning bound (about 89 million pixels, e.g. 9459×9459): larger files are refused
+# from their header, so a small file that decodes to gigabytes cannot exhaust the memory.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+_FLOAT_SLACK = 1e-3  # float images a rounding error outside [0, 1] are clipped, not refused
 GOOD = "good"
-
-
-class DatasetError(ValueError):
-    """A dataset folder or file that cannot be used; the message names the path."""
 
 
 @dataclass(frozen=True)
@@ -138,30 +142,73 @@ def validate_images(images: ImageSet) -> None:
 
 
 def _decoded_size(path: Path) -> tuple[int, int]:
+    with open_image(path) as img:
+        to_rgb8(img, path)  # the conversion checks the pixel values too (float range, NaN)
+        return img.size
+
+
+@contextmanager
+def open_image(source: str | Path | BinaryIO, name: str | None = None) -> Iterator[Image.Image]:
+    """An image file (a path, or a binary file of encoded bytes named `name`) fully decoded.
+    DatasetError names it when it cannot be read or is larger than MAX_IMAGE_PIXELS."""
+    name = name or str(source)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:  # checked from the header, before any decoding
+                raise DatasetError(f"image {name} is {width}×{height} pixels, more than the "
+                                   f"{MAX_IMAGE_PIXELS / 1e6:.0f} million gaussad decodes (a decompression bomb?)")
             img.load()  # a full decode: catches truncated files that open() alone accepts
-            return img.size
+            yield img
+    except Image.DecompressionBombError as err:  # Pillow's own bound (twice ours), checked in open()
+        raise DatasetError(f"image {name} is more than the {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels gaussad "
+                           f"decodes (a decompression bomb?): {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"cannot read image {path}: {err}") from None
+        if isinstance(err, DatasetError):
+            raise
+        raise DatasetError(f"cannot read image {name}: {err}") from None
+
+
+def to_rgb8(img: Image.Image, name: str | Path) -> Image.Image:
+    """An image of any mode as 8-bit RGB, scaled by its real range: 16-bit and 32-bit integer pixels
+    by 65535 (0..65535 -> 0..255), float pixels taken as [0, 1]; grayscale is replicated to 3
+    channels, alpha dropped, CMYK, palette and bilevel images converted."""
+    if img.mode in ("RGB", "L", "P", "1", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+        return img.convert("RGB")
+    pixels = np.asarray(img)
+    if img.mode == "F":
+        if not np.isfinite(pixels).all():
+            raise DatasetError(f"image {name} holds NaN or infinite pixel values")
+        low, high = float(pixels.min()), float(pixels.max())
+        if low < -_FLOAT_SLACK or high > 1 + _FLOAT_SLACK:
+            raise DatasetError(f"float image {name} has values in [{low:.4g}, {high:.4g}]: gaussad reads float "
+                               f"images as intensities in [0, 1]; rescale it, or save it as 8- or 16-bit")
+        unit = pixels.astype(np.float64)
+    elif img.mode.startswith("I"):  # I;16, I;16B, ... and I (32-bit, how some files hold 16-bit data)
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 65535:
+            raise DatasetError(f"image {name} has integer values in [{low}, {high}], outside the 16-bit range")
+        unit = pixels.astype(np.float64) / 65535
+    else:
+        raise DatasetError(f"image {name} has the pixel mode {img.mode!r}, which gaussad cannot read")
+    gray = np.clip(np.rint(unit * 255), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
 
 
 def read_rgb(path: str | Path) -> Image.Image:
-    """An image as RGB (grayscale is replicated to 3 channels), fully decoded."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"cannot read image {path}: {err}") from None
+    """An image file as 8-bit RGB (see to_rgb8), fully decoded."""
+    with open_image(path) as img:
+        return to_rgb8(img, path)
 
 
 def read_mask(path: str | Path | None, size: tuple[int, int]) -> np.ndarray:
-    """A mask as a bool H×W array resized (nearest) to `size` = (width, height); all False if None."""
+    """A mask as a bool H×W array resized (nearest) to `size` = (width, height); all False if None.
+    A pixel is defective when it is above half the range of the mask's bit depth."""
     if path is None:
         return np.zeros((size[1], size[0]), dtype=bool)
     try:
-        with Image.open(path) as img:
-            mask = img.convert("L").resize(size, Image.NEAREST)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"cannot read mask {path}: {err}") from None
+        with open_image(path) as img:
+            mask = to_rgb8(img, path).convert("L").resize(size, Image.NEAREST)
+    except DatasetError as err:
+        raise DatasetError(str(err).replace("image", "mask", 1)) from None
     return np.asarray(mask) > 127

@@ -32,6 +32,8 @@ from PIL import Image
 from scipy import ndimage
 from skimage import draw
 
+from gaussad.output_folders import claim_output_folder
+
 __all__ = ["DEMO_CATEGORIES", "write_demo_dataset"]
 
 Rng = np.random.Generator
@@ -432,7 +434,8 @@ def write_demo_dataset(
     ``<root>/<category>/{train/good, test/good, test/<defect>}/NNN.png`` and
     ``<root>/<category>/ground_truth/<defect>/NNN_mask.png`` (mode 'L', 255 = defect).
     The same arguments write byte-identical files, and an image does not depend on the
-    counts. PNGs already in the folders written to are deleted first.
+    counts. PNGs already in the folders written to are deleted first, so ``root`` must be
+    new, empty or a demo dataset gaussad wrote (OutputError otherwise, before anything is written).
     """
     if categories is None:
         categories = DEMO_CATEGORIES
@@ -446,6 +449,7 @@ def write_demo_dataset(
         _check_int(arg, value, 1)
     _check_int("image_size", image_size, 32)
     _check_int("seed", seed, 0)
+    claim_output_folder(root, "demo-data")
     jobs = [job for n in names for job in _category_jobs(Path(root), n, seed, counts, image_size)]
     with ThreadPoolExecutor() as pool:  # numpy, scipy and zlib release the GIL
         list(pool.map(_write_image, jobs))

@@ -21,6 +21,7 @@ from sklearn.metrics import roc_curve
 from gaussad.data import Category, read_mask, read_rgb
 from gaussad.metrics import aupro, best_balanced_accuracy, f1_optimal_threshold, image_auroc, pixel_auroc
 from gaussad.model import GaussianAD, Scores
+from gaussad.output_folders import claim_output_folder
 
 if TYPE_CHECKING:
     from gaussad.piade import PiadeAD
@@ -38,8 +39,7 @@ def evaluate(
 ) -> dict:
     """Score the test split (or take `scores` computed elsewhere, with the `score_seconds` they took),
     compute the metrics, set the model's labelled-data thresholds, write the outputs."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_output_folder(out_dir, "evaluation")
     test = category.test
     if scores is None:
         start = time.perf_counter()

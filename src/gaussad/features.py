@@ -26,13 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gaussad.data import read_rgb
+from gaussad.errors import WeightsError
 
 LITE0_PACKAGE = "package:efficientnet-lite0"
 TF_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-class WeightsError(RuntimeError):
-    """A weight source that cannot be loaded; the message says what to do instead."""
 
 
 class _StopForward(Exception):

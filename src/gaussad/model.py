@@ -10,9 +10,6 @@ A saved model is a folder: config.json (all needed to rebuild it) + stats.safete
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,16 +19,16 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from gaussad import __version__
 from gaussad.data import ImageSet
+from gaussad.errors import ModelFileError
 from gaussad.features import Backbone, FeatureStore
 from gaussad.gaussian import REDUCTIONS, Gaussian, fit_gaussian
+from gaussad.model_folder import read_model_folder, read_model_type, write_model_folder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json carries the digest of config + tensors
 SPATIAL_MODES = ("shared", "per-location")
 PAPER_BACKBONE = "tf_efficientnet_b4.aa_in1k"  # ImageNet weights; timm's untagged default is JFT NoisyStudent
 GAUSSIAN_FIELDS = ("mean", "projection", "precision", "shrinkage")
@@ -43,10 +40,6 @@ PRESETS = {
               "levels": (3, 4, 5, 6, 7), "image_size": 224},
 }
 PIXEL_NORMAL_QUANTILE = 0.999
-
-
-class ModelFileError(ValueError):
-    """A model folder that cannot be loaded; the message names the file and the problem."""
 
 
 @dataclass
@@ -79,23 +72,6 @@ class NormalThresholds:
         score to 1.5 times as far above it as the pixel threshold (so red means well above normal)."""
         low, threshold = self.thresholds["pixel_normal_median"], self.thresholds["pixel_normal_quantile"]
         return low, low + 1.5 * (threshold - low)
-
-
-def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], tensors_file: str,
-                       config: dict) -> Path:
-    """Write a model folder (config.json + a safetensors file); it appears whole or not at all."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
-    partial.mkdir()
-    try:
-        save_file(tensors, str(partial / tensors_file))
-        (partial / "config.json").write_text(json.dumps(config, indent=2))
-        _replace_folder(partial, directory)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return directory
 
 
 class GaussianAD(NormalThresholds):
@@ -271,7 +247,7 @@ class GaussianAD(NormalThresholds):
              batch_size: int = 16) -> "GaussianAD":
         """Rebuild a saved model; shapes and format version are checked against the backbone."""
         directory = Path(directory)
-        config = read_model_config(directory / "config.json", "gaussian", FORMAT_VERSION)
+        config, tensors = read_model_folder(directory, "gaussian", FORMAT_VERSION, "stats.safetensors")
         keys = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
                 "normal_quantile", "seed")
         try:
@@ -282,8 +258,7 @@ class GaussianAD(NormalThresholds):
             raise ModelFileError(f"{directory / 'config.json'}: {err}") from None
         model.thresholds = dict(config.get("thresholds", {}))
         model.fit_info = {k: v for k, v in config.items() if k not in keys and k not in
-                          ("format_version", "gaussad_version", "model_type", "thresholds")}
-        tensors = read_tensors(directory / "stats.safetensors")
+                          ("format_version", "gaussad_version", "model_type", "thresholds", "digest")}
         for kind, target in (("image", model.image_gaussians), ("pixel", model.pixel_gaussians)):
             for level in model.config["levels"]:
                 try:
@@ -317,8 +292,7 @@ def load_model(directory: str | Path, **options):
     """Load a saved model of any type (Gaussian or PIADE), as its config.json says; `options` are
     those of the type's `load` (device, progress, batch_size)."""
     directory = Path(directory)
-    model_type = _read_json(directory / "config.json").get("model_type")
-    if model_type == "piade":
+    if read_model_type(directory) == "piade":
         from gaussad.piade import PiadeAD  # the network code is loaded only for PIADE models
 
         return PiadeAD.load(directory, **options)
@@ -331,46 +305,3 @@ def _concatenate(parts: list[tuple[np.ndarray, np.ndarray]]) -> Scores:
 
 def _paths(images: ImageSet | Sequence[str | Path]) -> list[Path]:
     return list(images.paths) if isinstance(images, ImageSet) else [Path(p) for p in images]
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an existing folder with one rename each way."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ModelFileError(f"{path.parent} is not a gaussad model folder: {path.name} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelFileError(f"{path} is not valid JSON: {err}") from None
-
-
-def read_model_config(path: Path, model_type: str, format_version: int) -> dict:
-    """A model folder's config.json, checked to be of `model_type` and `format_version`."""
-    config = _read_json(path)
-    if config.get("model_type") != model_type:
-        raise ModelFileError(f"{path}: model_type {config.get('model_type')!r} is not {model_type!r}")
-    if config.get("format_version") != format_version:
-        raise ModelFileError(
-            f"{path}: format version {config.get('format_version')} is not {format_version} "
-            f"(saved by gaussad {config.get('gaussad_version')}, this is {__version__}); train the model again"
-        )
-    return config
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A model folder's safetensors file; ModelFileError names it when missing or unreadable."""
-    if not path.is_file():
-        raise ModelFileError(f"{path} is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ModelFileError(f"cannot read {path}: {err}") from None

@@ -80,10 +80,12 @@ from tqdm.auto import tqdm
 from gaussad import __version__
 from gaussad.data import ImageSet, read_rgb
 from gaussad.features import LITE0_PACKAGE, WeightsError, build_model, default_device, normalization, to_tensor
-from gaussad.model import (ModelFileError, NormalThresholds, Scores, _replace_folder, read_model_config,
-                           read_tensors, write_model_folder)
+from gaussad.errors import CheckpointError, ModelFileError
+from gaussad.model import NormalThresholds, Scores
+from gaussad.model_folder import read_model_folder, replace_folder, write_model_folder
+from gaussad.output_folders import claim_output_folder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json carries the digest of config + tensors
 TABLE_1 = {"learning_rate": 1e-3, "weight_decay": 1e-4, "train_batch_size": 120, "epochs": 400}
 PIADE_PRESETS = {
     # The paper: ResNet-18 trunk, VGG-11 perceptual loss, ImageNet weights from the timm hub.
@@ -107,10 +109,6 @@ CONFIG_KEYS = (
     "early_stopping_min_delta", "se_reduction", "pyramid_sizes", "pyramid_channels", "capsule_dim", "n_vectors",
     "latent_dim", "routing_iterations", "upsample_channels", "normal_quantile", "seed",
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that does not belong to this training run; the message says why."""
 
 
 # ---- the network -------------------------------------------------------------------------------
@@ -504,6 +502,8 @@ class PiadeAD(NormalThresholds):
             raise RuntimeError("this PiadeAD is already trained: create a new one to train again")
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+        if checkpoint_dir is not None:  # refused before any compute if it holds a user's files
+            claim_output_folder(checkpoint_dir, "checkpoints", adopt=_only_checkpoints)
         started = time.perf_counter()
         paths = [str(p) for p in _paths(images)]
         fit_rows, held_rows = _split(len(paths), holdout, self.config["seed"])
@@ -596,7 +596,7 @@ class PiadeAD(NormalThresholds):
         """Rebuild a saved model from its folder alone (no weight source is needed)."""
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "weights.safetensors"
-        saved = read_model_config(config_path, "piade", FORMAT_VERSION)
+        saved, tensors = read_model_folder(directory, "piade", FORMAT_VERSION, "weights.safetensors")
         missing = [k for k in CONFIG_KEYS if k not in saved]
         if missing:
             raise ModelFileError(f"{config_path} lacks the key(s) {', '.join(missing)}")
@@ -607,8 +607,7 @@ class PiadeAD(NormalThresholds):
             raise ModelFileError(f"{config_path}: {err}") from None
         model.thresholds = dict(saved.get("thresholds", {}))
         model.fit_info = {k: v for k, v in saved.items() if k not in CONFIG_KEYS and k not in
-                          ("format_version", "gaussad_version", "model_type", "thresholds")}
-        tensors = read_tensors(weights_path)
+                          ("format_version", "gaussad_version", "model_type", "thresholds", "digest")}
         model._load_state(model.net, "net.", tensors, weights_path)
         if model.loss.perceptual is not None:
             model._load_state(model.loss.perceptual, "perceptual.", tensors, weights_path)
@@ -787,7 +786,7 @@ class _TrainingRun:
             "grad_scaler": self.scaler.state_dict(),
         }
         (partial / "state.json").write_text(json.dumps(state, indent=1))
-        _replace_folder(partial, final)
+        replace_folder(partial, final)
         for older in directory.glob("epoch-*"):
             if older != final:
                 shutil.rmtree(older, ignore_errors=True)
@@ -857,6 +856,11 @@ def _split(n_images: int, holdout: float, seed: int) -> tuple[list[int], list[in
         n_holdout = 0
     order = np.random.default_rng(seed).permutation(n_images)
     return sorted(order[n_holdout:].tolist()), sorted(order[:n_holdout].tolist())
+
+
+def _only_checkpoints(names: list[str]) -> bool:
+    """A checkpoint folder written before folders carried gaussad's marker: epoch folders only."""
+    return all(name.startswith(("epoch-", ".epoch-")) for name in names)
 
 
 def _digest(paths: Sequence[str]) -> str:

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from gaussad.errors import TrackingError
 from gaussad.piade import CONFIG_KEYS as PIADE_PARAMS
 from gaussad.registry import register_model
 
@@ -30,10 +32,6 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy", "sc
 # A PIADE run logs its epochs as curves, step = epoch: train_loss, train_mse, train_perceptual,
 # train_ssim, epoch_seconds, and holdout_loss with early stopping.
 CURVE_NAMES = {"holdout_loss": "holdout_loss", "seconds": "epoch_seconds"}
-
-
-class TrackingError(ConnectionError):
-    """The tracking server cannot be used; the message says where the results are and how to log them."""
 
 
 @dataclass
@@ -71,21 +69,39 @@ def log_run_folder(run_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, ur
         **{f"{block}.{k}": v for k, v in record["params"][block].items()},
     }
     client = MlflowClient(uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{dataset}-{run_dir.name}") as parent:
-        logged = LoggedRun(parent.info.run_id)
-        mlflow.set_tags({"dataset": dataset, "model_type": model_type, "kind": "pipeline"})
-        mlflow.log_params(_strings(shared))
-        mlflow.log_metric("pipeline_seconds", record["seconds"])
-        mlflow.log_artifact(str(record_path))
-        for category in sorted(p.name for p in run_dir.iterdir() if (p / "evaluation" / "metrics.json").is_file()):
-            registered = _log_category(run_dir / category, dataset, shared, experiment_id,
-                                       record["data"]["root"] if register else None, client)
-            if registered:
-                name, version, new = registered
-                logged.versions[category] = f"{name}/{version}"
-                if new:
-                    logged.new_versions.append(name)
-        return logged
+    folder = str(run_dir.resolve())
+    _fail_interrupted_runs(client, experiment_id, folder)
+    try:
+        # tagged as it is created, so that a run cut short is still found by _fail_interrupted_runs
+        tags = {"dataset": dataset, "model_type": model_type, "kind": "pipeline", "run_folder": folder}
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{dataset}-{run_dir.name}", tags=tags) as parent:
+            logged = LoggedRun(parent.info.run_id)
+            mlflow.log_params(_strings(shared))
+            mlflow.log_metric("pipeline_seconds", record["seconds"])
+            mlflow.log_artifact(str(record_path))
+            for category in sorted(p.name for p in run_dir.iterdir() if (p / "evaluation" / "metrics.json").is_file()):
+                registered = _log_category(run_dir / category, dataset, shared, experiment_id,
+                                           record["data"]["root"] if register else None, client)
+                if registered:
+                    name, version, new = registered
+                    logged.versions[category] = f"{name}/{version}"
+                    if new:
+                        logged.new_versions.append(name)
+            return logged
+    except (MlflowException, OSError):
+        _check_reachable(uri, run_dir)  # the server went away mid-logging: say so in one line, with the way out
+        raise
+
+
+def _fail_interrupted_runs(client: MlflowClient, experiment_id: str, folder: str) -> None:
+    """Mark FAILED the runs of this folder that an earlier `gaussad log` left RUNNING when its server
+    went away (it could not close them), with their nested runs: the rerun is then the folder's only
+    finished run. Filtered here, not in the search, as a path may hold quotes."""
+    running = client.search_runs([experiment_id], "tags.kind = 'pipeline' and attributes.status = 'RUNNING'")
+    for run in (r for r in running if r.data.tags.get("run_folder") == folder):
+        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        for child in [c for c in children if c.info.status == "RUNNING"] + [run]:
+            client.set_terminated(child.info.run_id, "FAILED")
 
 
 def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, register_from: str | None,

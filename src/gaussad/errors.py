@@ -1,0 +1,34 @@
+"""The errors a user can cause, under one base class the CLI catches.
+
+Each message names the file, folder or value at fault and says what to do, on one line.
+"""
+
+from __future__ import annotations
+
+
+class GaussadError(Exception):
+    """Base of every error caused by input (data, model folders, weights, output paths, servers)."""
+
+
+class DatasetError(GaussadError, ValueError):
+    """A dataset folder or image file that cannot be used."""
+
+
+class ModelFileError(GaussadError, ValueError):
+    """A model folder that cannot be loaded, or whose config and tensors do not belong together."""
+
+
+class OutputError(GaussadError, ValueError):
+    """An output path gaussad refuses to write to, because it holds files gaussad did not write."""
+
+
+class WeightsError(GaussadError, RuntimeError):
+    """A weight source that cannot be loaded; the message says what to do instead."""
+
+
+class CheckpointError(GaussadError, RuntimeError):
+    """A checkpoint folder that does not belong to this training run (or cannot be read)."""
+
+
+class TrackingError(GaussadError, ConnectionError):
+    """The tracking server cannot be used; the message says where the results are and how to log them."""
