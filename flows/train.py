@@ -10,6 +10,11 @@ nothing; a change of one category's images recomputes that category; a change of
 recomputes fitting and evaluation, not extraction. A category that fails (e.g. a corrupt image)
 fails alone: the others finish, their results are kept, and a rerun after the fix resumes from the
 cache. The flow run fails at the end if any category did.
+
+A task's result is the path of the folder it wrote in the cache. The folder appears whole or not at
+all (it is written beside its place and renamed), so a flow killed midway, or two flows sharing one
+cache, leave no half-written folder; and a cached result is used only while its folder is complete,
+so a folder deleted from the cache is computed again.
 """
 
 from __future__ import annotations
@@ -166,7 +171,7 @@ def new_folder(target: Path, files: tuple[str, ...]) -> Iterator[Path]:
         yield scratch / target.name
         if target.exists() and not is_complete(target, files):
             try:
-                target.rename(scratch / "replaced")  # one rename: readers never see half a folder
+                target.rename(scratch / "replaced")  # deleted with the scratch folder, out of sight
             except FileNotFoundError:
                 pass  # another flow moved it first
         try:
@@ -193,7 +198,7 @@ def _is_running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

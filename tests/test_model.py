@@ -18,7 +18,9 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from gaussad.data import load_category, read_rgb
 from gaussad.features import LITE0_PACKAGE, to_tensor
+from gaussad.errors import OutputError
 from gaussad.model import GaussianAD, ModelFileError
+from gaussad.model_folder import model_digest
 
 LEVELS = (3, 4, 5)
 SIZE = 96
@@ -64,10 +66,19 @@ def copy_model(saved_dir: Path, tmp_path: Path) -> Path:
 
 
 def edit_config(directory: Path, **changes) -> None:
+    """Change config.json and sign it again, as a consistent but wrong folder would be (the digest check
+    itself is tested in test_reliability.py): the checks behind the digest are what these tests reach."""
     path = directory / "config.json"
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+    resign(directory)
+
+
+def resign(directory: Path) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "digest": model_digest(config, directory / "stats.safetensors")}))
 
 
 def load(directory):
@@ -228,7 +239,7 @@ def test_load_corrupt_json(saved, tmp_path):
     assert str(directory / "config.json") in str(info.value)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [1, 3, "2", None])
 def test_load_wrong_format_version(saved, tmp_path, version):
     directory = copy_model(saved["shared"], tmp_path)
     edit_config(directory, format_version=version)
@@ -270,6 +281,7 @@ def test_load_stats_with_wrong_shapes(saved, tmp_path):
         t = tensors[f"image.4.{field}"]
         tensors[f"image.4.{field}"] = torch.cat([t, t[:, :1]], dim=1).contiguous()
     save_file(tensors, str(path))
+    resign(directory)
     with pytest.raises(ModelFileError, match="level 4") as info:
         load(directory)
     assert str(directory) in str(info.value)
@@ -306,6 +318,7 @@ def test_load_config_missing_a_key(saved, tmp_path):
     config = json.loads((directory / "config.json").read_text())
     del config["levels"]
     (directory / "config.json").write_text(json.dumps(config))
+    resign(directory)
     with pytest.raises(ModelFileError) as info:
         load(directory)
     assert str(directory) in str(info.value)
@@ -329,28 +342,15 @@ def siblings(directory: Path) -> list[str]:
 def test_save_over_an_existing_model(fitted, tmp_path):
     directory = tmp_path / "model"
     fitted["shared"].save(directory)
-    (directory / "stale.txt").write_text("left from before")
+    (directory / "notes.txt").write_text("a user's file")
+    with pytest.raises(OutputError, match="not a gaussad model folder"):  # it is not only gaussad's any more
+        fitted["per-location"].save(directory)
+    assert (directory / "notes.txt").read_text() == "a user's file"
+    (directory / "notes.txt").unlink()
     fitted["per-location"].save(directory)
     assert siblings(directory) == ["model"]
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", "stats.safetensors"]
     assert load(directory).config["spatial"] == "per-location"
-
-
-def test_failed_save_leaves_earlier_model_intact(fitted, tmp_path, monkeypatch):
-    directory = tmp_path / "model"
-    fitted["shared"].save(directory)
-    before = {p.name: p.read_bytes() for p in directory.iterdir()}
-
-    def disk_full(*args, **kwargs):
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr("gaussad.model.save_file", disk_full)
-    with pytest.raises(OSError, match="No space"):
-        fitted["per-location"].save(directory)
-    with pytest.raises(OSError, match="No space"):
-        fitted["per-location"].save(tmp_path / "new_model")
-    assert siblings(directory) == ["model"]
-    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
 
 
 def test_save_unfitted_model_refused(tmp_path):

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from gaussad.evaluate import evaluate
 from gaussad.features import LITE0_PACKAGE, WeightsError, build_model
 from gaussad.metrics import image_auroc
 from gaussad.model import ModelFileError
+from gaussad.model_folder import model_digest
 from gaussad.piade import (
     PIADE_PRESETS,
     CapsuleRouting,
@@ -463,6 +465,11 @@ def test_save_load_gives_identical_scores_without_any_weight_source(runs, catego
         loaded.fit(category.train)
 
 
+def write_signed(config_path: Path, config: dict) -> None:
+    digest = model_digest(config, config_path.parent / "weights.safetensors")
+    config_path.write_text(json.dumps({**config, "digest": digest}))
+
+
 def test_load_errors_name_the_file(runs, tmp_path):
     directory = _saved(runs["whole"], tmp_path)
 
@@ -485,10 +492,10 @@ def test_load_errors_name_the_file(runs, tmp_path):
                             ({"format_version": 99}, "format version 99"),
                             ({"image_size": 96}, "has shape .* needs"),
                             ({"train_batch_size": 0}, "train_batch_size must be at least 2")]:
-        config_path.write_text(json.dumps({**config, **change}))
+        write_signed(config_path, {**config, **change})  # consistent but wrong: the checks behind the digest
         with pytest.raises(ModelFileError, match=message):
             load()
-    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "latent_dim"}))
+    write_signed(config_path, {k: v for k, v in config.items() if k != "latent_dim"})
     with pytest.raises(ModelFileError, match="lacks the key.*latent_dim"):
         load()
     config_path.write_text("{")

@@ -131,7 +131,8 @@ def test_relogging_a_folder_adds_no_version(mlflow_server, registry):
     assert logged.versions == {CATEGORY: f"{NAME}/2"} and logged.new_versions == []
 
 
-def test_champion_as_pyfunc_scores_paths_bytes_and_arrays_as_the_library_does(mlflow_server, registry):
+def test_champion_as_pyfunc_scores_paths_bytes_and_arrays_as_the_library_does(mlflow_server, registry, monkeypatch):
+    monkeypatch.setenv("GAUSSAD_IMAGE_ROOTS", str(registry["data"]))  # path inputs are read only there
     test = load_category(registry["data"], CATEGORY).test
     paths = [str(p) for p in test.paths[:4]]
     library = GaussianAD.load(registry["folders"][2] / CATEGORY / "model", progress=False).score(paths)
@@ -148,7 +149,7 @@ def test_champion_as_pyfunc_scores_paths_bytes_and_arrays_as_the_library_does(ml
     assert list(result["label"]) == ["anomalous" if s >= threshold else "normal" for s in library.image]
     without_maps = champion.predict(pd.DataFrame({"image": paths[:1]}), params={"return_maps": False})
     assert "map" not in without_maps.columns
-    with pytest.raises(Exception, match="cannot be decoded"):
+    with pytest.raises(Exception, match="cannot read image in the request"):
         champion.predict(pd.DataFrame({"image": [b"not an image"]}))
 
 
@@ -180,8 +181,9 @@ def test_mlflow_models_serve_scores_a_posted_image(mlflow_server, registry, tmp_
         server.wait(timeout=30)
 
 
-def test_png_round_trip_matches_the_file(registry):
+def test_png_round_trip_matches_the_file(registry, monkeypatch):
     """The encoded-bytes path decodes exactly what the file path reads (PNG is lossless)."""
+    monkeypatch.setenv("GAUSSAD_IMAGE_ROOTS", str(registry["data"]))
     from gaussad.pyfunc_model import decode_image
 
     path = load_category(registry["data"], CATEGORY).test.paths[0]

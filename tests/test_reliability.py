@@ -440,3 +440,114 @@ def test_disk_full_while_saving_keeps_the_previous_model(fitted, dataset, small_
     assert f"cannot save the model to {model}" in err and "No space left on device" in err
     assert "unchanged" in err and model_state(model) == before
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "model"]
+
+
+# ---- the matrix of bad input: one `gaussad: error:` line, exit 2, nothing written -------------------
+
+
+def damage(case: str, data: Path, model: Path, tmp_path: Path) -> tuple[list[str], str]:
+    """Prepare one bad input in fresh copies; returns the CLI arguments and a text the error must hold."""
+    category = data / "brushed"
+    train = category / "train" / "good"
+    out = str(tmp_path / "out")
+    fit = ["fit", str(category), "-o", out, *FAST]
+    evaluate = ["evaluate", str(model), str(category), "-o", out, "--quiet"]
+    first = sorted(train.iterdir())[0]
+    mask = category / "ground_truth" / "crack" / "000_mask.png"
+    config = model / "config.json"
+    if case == "no dataset root":
+        return ["fit", str(tmp_path / "nowhere"), "-c", "brushed", "-o", out, *FAST], "nowhere"
+    if case == "no categories in root":
+        (tmp_path / "empty").mkdir()
+        return ["fit", str(tmp_path / "empty"), "-c", "brushed", "-o", out, *FAST], "no category"
+    if case == "root without -c":
+        return ["fit", str(data), "-o", out, *FAST], "choose one with -c"
+    if case == "unknown category":
+        return ["fit", str(data), "-c", "bottle", "-o", out, *FAST], "'bottle'"
+    if case == "no train/good":
+        shutil.rmtree(train)
+        return fit, "train/good"
+    if case == "empty train/good":
+        for path in train.iterdir():
+            path.unlink()
+        return fit, str(train)
+    if case == "text file named .png":
+        first.write_text("not an image")
+        return fit, str(first)
+    if case == "zero-byte image":
+        first.write_bytes(b"")
+        return fit, str(first)
+    if case == "truncated image":
+        first.write_bytes(first.read_bytes()[:200])
+        return fit, str(first)
+    if case == "float image out of range":
+        tifffile.imwrite(first.with_suffix(".tif"), np.full((8, 8), 2.0, np.float32))
+        return fit, "[0, 1]"
+    if case == "no test folder":
+        shutil.rmtree(category / "test")
+        return evaluate, str(category / "test")
+    if case == "missing mask":
+        mask.unlink()
+        return evaluate, "missing mask"
+    if case == "mask of another size":
+        Image.new("L", (10, 10)).save(mask)
+        return evaluate, str(mask)
+    if case == "corrupt mask":
+        mask.write_bytes(b"\x89PNG garbage")
+        return evaluate, str(mask)
+    if case == "no model folder":
+        return ["predict", str(tmp_path / "no-model"), str(first), "-o", out], "config.json is missing"
+    if case == "config not JSON":
+        config.write_text("{")
+        return evaluate, "not valid JSON"
+    if case == "statistics missing":
+        (model / "stats.safetensors").unlink()
+        return evaluate, "stats.safetensors is missing"
+    if case == "config edited":
+        config.write_text(config.read_text().replace('"image_size": 96', '"image_size": 128'))
+        return evaluate, "does not match"
+    if case == "predict path missing":
+        return ["predict", str(model), str(tmp_path / "nope.png"), "-o", out], "nope.png"
+    if case == "predict empty folder":
+        (tmp_path / "none").mkdir()
+        return ["predict", str(model), str(tmp_path / "none"), "-o", out], "no images found"
+    if case == "unknown threshold name":
+        return ["predict", str(model), str(first), "-o", out, "--threshold", "best"], "'best'"
+    if case == "level out of range":
+        return [*fit[:4], "--preset", "lite0", "--levels", "3", "12", "--image-size", "96", "--quiet"], "levels"
+    if case == "variance out of range":
+        return [*fit, "--variance", "1.5"], "variance"
+    if case == "holdout out of range":
+        return [*fit, "--holdout", "1.5"], "holdout"
+    if case == "missing weights file":
+        return [*fit, "--weights", f"file:{tmp_path / 'w.pth'}"], "w.pth"
+    if case == "garbage weights file":
+        (tmp_path / "w.pth").write_text("garbage")
+        return [*fit, "--weights", f"file:{tmp_path / 'w.pth'}"], "w.pth"
+    if case == "unknown backbone":
+        return [*fit, "--backbone", "no_such_net", "--weights", "none"], "no_such_net"
+    if case == "unknown weight source":
+        return [*fit, "--weights", "ftp://x"], "ftp://x"
+    raise AssertionError(case)
+
+
+BAD_INPUTS = [
+    "no dataset root", "no categories in root", "root without -c", "unknown category", "no train/good",
+    "empty train/good", "text file named .png", "zero-byte image", "truncated image", "float image out of range",
+    "no test folder", "missing mask", "mask of another size", "corrupt mask", "no model folder", "config not JSON",
+    "statistics missing", "config edited", "predict path missing", "predict empty folder", "unknown threshold name",
+    "level out of range", "variance out of range", "holdout out of range", "missing weights file",
+    "garbage weights file", "unknown backbone", "unknown weight source",
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_matrix(case, dataset, fitted, tmp_path, capsys):
+    data, model = tmp_path / "data", tmp_path / "model"
+    shutil.copytree(dataset, data)
+    shutil.copytree(fitted, model)
+    args, expected = damage(case, data, model, tmp_path)
+    before = snapshot(tmp_path)
+    assert expected in cli_error(args, capsys)
+    assert not (tmp_path / "out").exists()  # nothing written
+    assert {k: v for k, v in snapshot(tmp_path).items()} == before  # nothing of the user's changed

@@ -117,7 +117,7 @@ def test_piade_flow_run_logs_loss_curves_and_reconstructions(mlflow_server, flow
     assert len(reconstructions) == 8 and all(a.path.endswith(".png") for a in reconstructions)
 
 
-def test_piade_challenger_is_compared_with_the_gaussian_champion(mlflow_server, flow_runs):
+def test_piade_challenger_is_compared_with_the_gaussian_champion(mlflow_server, flow_runs, monkeypatch):
     """One registered model per dataset and category: PIADE v2 competes with the Gaussian v1."""
     assert flow_runs["first_champion"].promoted and flow_runs["first_champion"].challenger == "1"
     assert flow_runs["piade"]["registered"] == {"weave": "gaussad-data-weave/2"}
@@ -139,6 +139,7 @@ def test_piade_challenger_is_compared_with_the_gaussian_champion(mlflow_server, 
     paths = [str(p) for p in sorted((flow_runs["data"] / "weave" / "test").rglob("*.png"))[:3]]
     library = PiadeAD.load(flow_runs["piade_out"] / "weave" / "model", progress=False).score(paths)
     mlflow.set_tracking_uri(mlflow_server)
+    monkeypatch.setenv("GAUSSAD_IMAGE_ROOTS", str(flow_runs["data"]))  # paths are read only inside it
     predicted = mlflow.pyfunc.load_model("models:/gaussad-data-weave/2").predict(pd.DataFrame({"image": paths}))
     np.testing.assert_allclose(predicted["score"], library.image, rtol=1e-5)
 

@@ -196,9 +196,9 @@ def _fit(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     check_output_folder(args.out, "evaluation")  # evaluate() creates it once the inputs are valid
-    check_model_destination(args.model)  # evaluate saves the thresholds back into the model folder
     category = _category(args)  # validated before the model is even loaded
     model = load_model(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
+    check_model_destination(args.model)  # evaluate saves the thresholds back into the model folder
     metrics = evaluate(model, category, args.out, args.overlays)
     model.save(args.model)  # now with the thresholds calibrated on labelled test data
     print(_format_table(pd.DataFrame([_summary_row(metrics)])))
@@ -210,8 +210,8 @@ def _predict(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
     images = ImageSet.from_paths(_expand_image_arguments(args.images))
     validate_images(images)
-    claim_output_folder(args.out, "predictions")
     threshold = _threshold(model, args.threshold)
+    claim_output_folder(args.out, "predictions")
     scores = model.score(images)
     vmin, vmax = model.display_range()
     rows = []

@@ -32,7 +32,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage import draw
 
-from gaussad.output_folders import claim_output_folder
+from gaussad.output_folders import check_output_folder
 
 __all__ = ["DEMO_CATEGORIES", "write_demo_dataset"]
 
@@ -449,7 +449,8 @@ def write_demo_dataset(
         _check_int(arg, value, 1)
     _check_int("image_size", image_size, 32)
     _check_int("seed", seed, 0)
-    claim_output_folder(root, "demo-data")
+    # a dataset gets no marker file: a demo root is recognised by its category folders
+    check_output_folder(root, "demo-data", adopt=lambda entries: set(entries) <= set(DEMO_CATEGORIES))
     jobs = [job for n in names for job in _category_jobs(Path(root), n, seed, counts, image_size)]
     with ThreadPoolExecutor() as pool:  # numpy, scipy and zlib release the GIL
         list(pool.map(_write_image, jobs))

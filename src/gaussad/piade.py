@@ -83,7 +83,7 @@ from gaussad.features import LITE0_PACKAGE, WeightsError, build_model, default_d
 from gaussad.errors import CheckpointError, ModelFileError
 from gaussad.model import NormalThresholds, Scores
 from gaussad.model_folder import read_model_folder, replace_folder, write_model_folder
-from gaussad.output_folders import claim_output_folder
+from gaussad.output_folders import check_output_folder
 
 FORMAT_VERSION = 2  # 2: config.json carries the digest of config + tensors
 TABLE_1 = {"learning_rate": 1e-3, "weight_decay": 1e-4, "train_batch_size": 120, "epochs": 400}
@@ -503,7 +503,7 @@ class PiadeAD(NormalThresholds):
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
         if checkpoint_dir is not None:  # refused before any compute if it holds a user's files
-            claim_output_folder(checkpoint_dir, "checkpoints", adopt=_only_checkpoints)
+            check_output_folder(checkpoint_dir, "checkpoints", adopt=_only_checkpoints)
         started = time.perf_counter()
         paths = [str(p) for p in _paths(images)]
         fit_rows, held_rows = _split(len(paths), holdout, self.config["seed"])
@@ -859,7 +859,7 @@ def _split(n_images: int, holdout: float, seed: int) -> tuple[list[int], list[in
 
 
 def _only_checkpoints(names: list[str]) -> bool:
-    """A checkpoint folder written before folders carried gaussad's marker: epoch folders only."""
+    """A checkpoint folder is recognised by its layout (it gets no marker file): epoch folders only."""
     return all(name.startswith(("epoch-", ".epoch-")) for name in names)
 
 

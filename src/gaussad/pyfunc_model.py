@@ -12,7 +12,10 @@ base64-encoded, as MLflow does for binary columns), an H×W or H×W×3 array (ui
 in [0, 1]), or a file path. Paths are refused unless the process that loads the model sets
 GAUSSAD_IMAGE_ROOTS (folders separated by ':'), and then only files inside those folders are read:
 a served model must not read any file a client names on the server. A bad value (undecodable,
-NaN, wrong shape, larger than MAX_IMAGE_PIXELS) is a ValueError naming it; served, a 400 response.
+NaN, wrong shape, larger than MAX_IMAGE_PIXELS) is a ValueError naming it; served, a 400 response
+whose message says what is wrong. Served, the signature's binary `image` column means a JSON body
+carries encoded bytes only (MLflow base64-decodes every value, and refuses lists); a path string
+reaches the model only in a CSV body.
 The param `return_maps=False` leaves out the maps, which are large in JSON.
 """
 
