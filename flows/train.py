@@ -55,6 +55,7 @@ from gaussad.errors import DatasetError, GaussadError  # noqa: E402
 from gaussad.evaluate import evaluate  # noqa: E402
 from gaussad.features import Backbone, FeatureStore  # noqa: E402
 from gaussad.model import GaussianAD  # noqa: E402
+from gaussad.model_folder import process_alive  # noqa: E402
 from gaussad.output_folders import claim_output_folder  # noqa: E402
 from gaussad.piade import PiadeAD  # noqa: E402
 
@@ -188,18 +189,8 @@ def _remove_abandoned(target: Path) -> None:
     prefix = f".{target.name}.tmp-{socket.gethostname()}-"
     for scratch in target.parent.glob(glob.escape(prefix) + "*"):
         pid = scratch.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not _is_running(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
 
 
 # ---- tasks -------------------------------------------------------------------------------------

@@ -153,3 +153,17 @@ def test_two_flows_on_one_cache_at_once(project, prefect_api):
     assert_every_folder_complete(project["cache"])
     assert cache_folders(project["cache"])["scratch"] == []
     assert len(cache_folders(project["cache"])["trusted"]) == 4 * len(CATEGORIES)
+
+
+def test_out_or_cache_holding_a_users_files_is_refused_before_any_compute(project):
+    """--out and --cache-dir are refused, untouched, when they hold files gaussad did not write."""
+    from gaussad.errors import OutputError
+
+    work = project["tmp"] / "work"
+    (work / "notes").mkdir(parents=True)
+    (work / "thesis.txt").write_text("years of work")
+    for out, cache in ((work, project["cache"]), (project["tmp"] / "out", work)):
+        with pytest.raises(OutputError, match="gaussad did not write"):
+            pipeline.train(str(project["data"]), ["weave"], str(project["config"]), str(out), str(cache))
+        assert sorted(p.name for p in work.rglob("*")) == ["notes", "thesis.txt"]
+    assert not (project["cache"] / "features").exists()  # nothing was extracted

@@ -372,7 +372,7 @@ def model_state(model: Path) -> tuple[str, dict]:
     return json.loads((model / "config.json").read_text())["digest"], snapshot(model)
 
 
-@pytest.mark.parametrize("point", ["after-tensors", "after-exchange"])
+@pytest.mark.parametrize("point", [pytest.param("after-tensors", marks=pytest.mark.slow), "after-exchange"])
 def test_kill_during_save_leaves_a_complete_model(fitted, dataset, tmp_path, point):
     model = tmp_path / "model"
     shutil.copytree(fitted, model)
@@ -389,6 +389,7 @@ def test_kill_during_save_leaves_a_complete_model(fitted, dataset, tmp_path, poi
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+@pytest.mark.slow
 def test_kill_during_feature_extraction(fitted, dataset, tmp_path):
     """SIGKILL while the backbone runs: no model folder at all for a first fit, the old one intact
     for a refit; the rerun succeeds."""

@@ -203,6 +203,7 @@ def test_pyfunc_reads_paths_only_inside_the_allowed_folders(pyfunc, model, monke
         link.unlink()
 
 
+@pytest.mark.slow  # the console script in a process of its own: what a user's terminal shows
 def test_cli_predict_refuses_a_decompression_bomb_in_one_line(model, tmp_path):
     result = subprocess.run([str(BIN / "gaussad"), "predict", str(model["folder"]), str(model["bomb"]), "--quiet",
                              "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)

@@ -104,11 +104,12 @@ def remove_stale_partials(directory: Path) -> None:
     """Delete the hidden .<name>.partial-<pid> folders that saves killed mid-way left beside `directory`."""
     for partial in directory.parent.glob(f".{directory.name}.partial-*"):
         pid = partial.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with this id is running (its hidden folders are in use)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
