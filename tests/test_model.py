@@ -239,7 +239,7 @@ def test_load_corrupt_json(saved, tmp_path):
     assert str(directory / "config.json") in str(info.value)
 
 
-@pytest.mark.parametrize("version", [1, 3, "2", None])
+@pytest.mark.parametrize("version", [0, 3, "2", None])
 def test_load_wrong_format_version(saved, tmp_path, version):
     directory = copy_model(saved["shared"], tmp_path)
     edit_config(directory, format_version=version)

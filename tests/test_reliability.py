@@ -331,6 +331,19 @@ def test_config_and_statistics_from_two_saves_are_detected(fitted, dataset, tmp_
     assert "does not match" in err and not (tmp_path / "eval").exists()
 
 
+def test_format_1_folder_without_digest_still_loads_and_is_saved_signed(fitted, tmp_path):
+    """Folders saved before the digest (format 1) are in users' registries: they load, unchecked."""
+    old = tmp_path / "old"
+    shutil.copytree(fitted, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["digest"]
+    (old / "config.json").write_text(json.dumps({**config, "format_version": 1}))
+    model = GaussianAD.load(old, device="cpu", progress=False)
+    model.save(old)
+    saved = json.loads((old / "config.json").read_text())
+    assert saved["format_version"] == 2 and saved["digest"] == model_digest(saved, old / "stats.safetensors")
+
+
 def test_digest_is_an_independent_sha256(fitted):
     import hashlib
 

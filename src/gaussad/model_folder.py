@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -28,6 +29,9 @@ from gaussad.errors import ModelFileError, OutputError
 from gaussad.output_folders import check_model_destination
 
 DIGEST_KEY = "digest"
+# Format 1 folders were saved before the digest existed; registries hold them, so they still load
+# (unchecked) and are saved again as the current format.
+UNSIGNED_FORMAT_VERSION = 1
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
 
@@ -39,8 +43,8 @@ def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], 
     directory = check_model_destination(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(directory)
-    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
+    # unique per save, so two threads or processes saving to one place never share it
+    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     partial.mkdir()
     try:
         save_file(tensors, str(partial / tensors_file))
@@ -101,9 +105,9 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def remove_stale_partials(directory: Path) -> None:
-    """Delete the hidden .<name>.partial-<pid> folders that saves killed mid-way left beside `directory`."""
+    """Delete the hidden .<name>.partial-<pid>-<id> folders that saves killed mid-way left beside `directory`."""
     for partial in directory.parent.glob(f".{directory.name}.partial-*"):
-        pid = partial.name.rsplit("-", 1)[-1]
+        pid = partial.name.split(".partial-", 1)[-1].split("-")[0]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -152,13 +156,14 @@ def read_model_folder(directory: Path, model_type: str, format_version: int,
     config = read_json(config_path)
     if config.get("model_type") != model_type:
         raise ModelFileError(f"{config_path}: model_type {config.get('model_type')!r} is not {model_type!r}")
-    if config.get("format_version") != format_version:
+    version = config.get("format_version")
+    if version not in (format_version, UNSIGNED_FORMAT_VERSION) or isinstance(version, bool):
         raise ModelFileError(
             f"{config_path}: format version {config.get('format_version')} is not {format_version} "
             f"(saved by gaussad {config.get('gaussad_version')}, this is {__version__}); train the model again"
         )
     tensors = read_tensors(tensors_path)
-    if config.get(DIGEST_KEY) != model_digest(config, tensors_path):
+    if version != UNSIGNED_FORMAT_VERSION and config.get(DIGEST_KEY) != model_digest(config, tensors_path):
         raise ModelFileError(
             f"{config_path} does not match {tensors_path.name}: the config was edited after saving, or the "
             f"two files come from different saves; fit the model again (thresholds: use predict --threshold)"

@@ -62,8 +62,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,7 @@ from gaussad.data import ImageSet, read_rgb
 from gaussad.features import LITE0_PACKAGE, WeightsError, build_model, default_device, normalization, to_tensor
 from gaussad.errors import CheckpointError, ModelFileError
 from gaussad.model import NormalThresholds, Scores
-from gaussad.model_folder import read_model_folder, replace_folder, write_model_folder
+from gaussad.model_folder import process_alive, read_model_folder, replace_folder, write_model_folder
 from gaussad.output_folders import check_output_folder
 
 FORMAT_VERSION = 2  # 2: config.json carries the digest of config + tensors
@@ -767,8 +769,11 @@ class _TrainingRun:
         directory = self.checkpoint_dir
         directory.mkdir(parents=True, exist_ok=True)
         final = directory / f"epoch-{epoch:04d}"
-        partial = directory / f".epoch-{epoch:04d}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in directory.glob(".epoch-*.partial-*"):  # left by a process killed while saving
+            if not process_alive(int(stale.name.split(".partial-")[1].split("-")[0])):
+                shutil.rmtree(stale, ignore_errors=True)
+        # unique per process: two flows training the same model on one cache must not share it
+        partial = directory / f".epoch-{epoch:04d}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         partial.mkdir()
         net_state = {k: v.detach().cpu().contiguous() for k, v in self.model.net.state_dict().items()}
         save_file(net_state, str(partial / "model.safetensors"))
