@@ -565,3 +565,23 @@ def test_bad_input_matrix(case, dataset, fitted, tmp_path, capsys):
     assert expected in cli_error(args, capsys)
     assert not (tmp_path / "out").exists()  # nothing written
     assert {k: v for k, v in snapshot(tmp_path).items()} == before  # nothing of the user's changed
+
+
+def test_feature_extraction_from_threads_at_once_equals_one_at_a_time():
+    """A served model scores requests from several threads; the backbone's hooks keep each pass apart
+    (they once shared one output dict: the load test saw KeyErrors)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from gaussad.features import LITE0_PACKAGE, Backbone
+
+    backbone = Backbone("tf_efficientnet_lite0", LITE0_PACKAGE, (2, 3, 5), 64, device="cpu")
+    batches = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    alone = [backbone.extract(batch) for batch in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(backbone.extract, batches))
+    for one, other in zip(alone, together):
+        assert sorted(one) == sorted(other) == [2, 3, 5]
+        for level in one:
+            torch.testing.assert_close(one[level], other[level], rtol=1e-5, atol=1e-6)

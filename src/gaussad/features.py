@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
@@ -168,32 +170,36 @@ class Backbone:
         if not self.levels or bad:
             raise ValueError(f"levels {list(levels)} invalid for {name}: it has levels 0..{len(modules) - 1}")
         self._modules = {level: modules[level] for level in self.levels}
+        self._pass = threading.local()  # {level: features} of each thread's forward pass in progress
+        for level, module_name in self._modules.items():
+            self.model.get_submodule(module_name).register_forward_hook(partial(self._capture, level))
         mean, std = normalization(self.model, weights)
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
+    def _capture(self, level: int, _module, _inputs, output: torch.Tensor) -> None:
+        """Forward hook of a level's module: keep its output for the thread whose pass this is
+        (a plain forward of the model, outside extract, passes through untouched)."""
+        outputs = getattr(self._pass, "outputs", None)
+        if outputs is None:
+            return
+        outputs[level] = output.float()
+        if level == self.levels[-1]:
+            raise _StopForward
+
     @torch.no_grad()
     def extract(self, images_nchw: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Features of a batch of RGB images in [0, 1] already at image_size × image_size."""
+        """Features of a batch of RGB images in [0, 1] already at image_size × image_size.
+        Threads may call it at once (a served model does): each pass keeps its outputs apart."""
         x = (images_nchw.to(self.device, non_blocking=True).float() - self._mean) / self._std
-        outputs: dict[int, torch.Tensor] = {}
-        deepest = self.levels[-1]
-        handles = []
-        for level, module_name in self._modules.items():
-            def hook(_module, _inputs, output, level=level):
-                outputs[level] = output.float()
-                if level == deepest:
-                    raise _StopForward
-            handles.append(self.model.get_submodule(module_name).register_forward_hook(hook))
+        self._pass.outputs = {}
         autocast = torch.autocast(self.device.type, dtype=torch.float16) if self.amp else nullcontext()
         try:
             with autocast:
                 self.model(x)
         except _StopForward:
             pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        outputs, self._pass.outputs = self._pass.outputs, None
         return outputs
 
     def channels(self) -> dict[int, int]:

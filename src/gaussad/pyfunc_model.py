@@ -130,8 +130,8 @@ class GaussadModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         self.model = load_model(context.artifacts["model"], progress=False)
-        # `mlflow models serve` calls predict from several threads at once, and scoring is not
-        # thread-safe (the backbone's forward hooks are shared): one batch at a time, decoding in parallel
+        # `mlflow models serve` calls predict from several threads at once: one batch on the device
+        # at a time keeps its memory bounded (concurrent passes would add up); decoding runs in parallel
         self.lock = threading.Lock()
 
     # The hint is the logged signature's input (a DataFrame with an `image` column); MLflow infers
