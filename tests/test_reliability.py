@@ -457,6 +457,7 @@ def test_disk_full_while_saving_keeps_the_previous_model(fitted, dataset, small_
 
 
 # ---- the matrix of bad input: one `gaussad: error:` line, exit 2, nothing written -------------------
+# (the last three were tracebacks before)
 
 
 def damage(case: str, data: Path, model: Path, tmp_path: Path) -> tuple[list[str], str]:
@@ -542,6 +543,12 @@ def damage(case: str, data: Path, model: Path, tmp_path: Path) -> tuple[list[str
         return [*fit, "--backbone", "no_such_net", "--weights", "none"], "no_such_net"
     if case == "unknown weight source":
         return [*fit, "--weights", "ftp://x"], "ftp://x"
+    if case == "batch size 0":
+        return [*evaluate, "--batch-size", "0"], "batch_size must be at least 1"
+    if case == "GPU that is not there":
+        return [*fit, "--device", "cuda:99"], "'cuda:99'"
+    if case == "unknown device":
+        return [*evaluate, "--device", "gpu0"], "unknown device 'gpu0'"
     raise AssertionError(case)
 
 
@@ -551,7 +558,8 @@ BAD_INPUTS = [
     "no test folder", "missing mask", "mask of another size", "corrupt mask", "no model folder", "config not JSON",
     "statistics missing", "config edited", "predict path missing", "predict empty folder", "unknown threshold name",
     "level out of range", "variance out of range", "holdout out of range", "missing weights file",
-    "garbage weights file", "unknown backbone", "unknown weight source",
+    "garbage weights file", "unknown backbone", "unknown weight source", "batch size 0", "GPU that is not there",
+    "unknown device",
 ]
 
 

@@ -22,6 +22,10 @@ class OutputError(GaussadError, ValueError):
     """An output path gaussad refuses to write to, because it holds files gaussad did not write."""
 
 
+class DeviceError(GaussadError, ValueError):
+    """A device that does not exist here (e.g. cuda on a machine without a GPU)."""
+
+
 class WeightsError(GaussadError, RuntimeError):
     """A weight source that cannot be loaded; the message says what to do instead."""
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gaussad.data import read_rgb
-from gaussad.errors import WeightsError
+from gaussad.errors import DeviceError, WeightsError
 
 LITE0_PACKAGE = "package:efficientnet-lite0"
 TF_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -45,6 +45,21 @@ def _first_line(err: Exception) -> str:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch.device that exists on this machine (None: cuda when there is a GPU)."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {device!r}: use cpu, cuda or cuda:<index>") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r}: this machine has no usable CUDA GPU; use cpu")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return resolved
 
 
 def level_modules(model: torch.nn.Module) -> list[str]:
@@ -162,7 +177,7 @@ class Backbone:
     ):
         self.name, self.weights, self.image_size = name, weights, int(image_size)
         self.levels = tuple(sorted(int(level) for level in levels))
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.amp = self.device.type == "cuda" if amp is None else amp
         self.model = build_model(name, weights, seed).to(self.device)
         modules = level_modules(self.model)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from gaussad import __version__
 from gaussad.data import ImageSet
 from gaussad.errors import ModelFileError
-from gaussad.features import Backbone, FeatureStore
+from gaussad.features import Backbone, FeatureStore, resolve_device
 from gaussad.gaussian import REDUCTIONS, Gaussian, fit_gaussian
 from gaussad.model_folder import read_model_folder, read_model_type, write_model_folder
 
@@ -100,6 +100,8 @@ class GaussianAD(NormalThresholds):
             raise ValueError(f"variance fraction must be in (0, 1], got {variance}")
         if not 0 < normal_quantile <= 1:
             raise ValueError(f"normal_quantile must be in (0, 1], got {normal_quantile}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.config = {
             "backbone": backbone,
             "weights": weights,
@@ -246,6 +248,9 @@ class GaussianAD(NormalThresholds):
     def load(cls, directory: str | Path, device: str | torch.device | None = None, progress: bool = True,
              batch_size: int = 16) -> "GaussianAD":
         """Rebuild a saved model; shapes and format version are checked against the backbone."""
+        device = resolve_device(device)  # checked here: a bad device is the caller's error, not the folder's
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         directory = Path(directory)
         config, tensors = read_model_folder(directory, "gaussian", FORMAT_VERSION, "stats.safetensors")
         keys = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",

@@ -81,7 +81,7 @@ from tqdm.auto import tqdm
 
 from gaussad import __version__
 from gaussad.data import ImageSet, read_rgb
-from gaussad.features import LITE0_PACKAGE, WeightsError, build_model, default_device, normalization, to_tensor
+from gaussad.features import LITE0_PACKAGE, WeightsError, build_model, normalization, resolve_device, to_tensor
 from gaussad.errors import CheckpointError, ModelFileError
 from gaussad.model import NormalThresholds, Scores
 from gaussad.model_folder import process_alive, read_model_folder, replace_folder, write_model_folder
@@ -473,8 +473,10 @@ class PiadeAD(NormalThresholds):
         """Validate the config and build the networks; with `pretrained` False, their weights are left
         random (seeded) for a saved state to replace, so no weight source is touched."""
         self.config = _validated(config)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size, self.progress = batch_size, progress
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.amp = self.device.type == "cuda"
         c = self.config
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -596,6 +598,9 @@ class PiadeAD(NormalThresholds):
     def load(cls, directory: str | Path, device: str | torch.device | None = None, progress: bool = True,
              batch_size: int = 16) -> "PiadeAD":
         """Rebuild a saved model from its folder alone (no weight source is needed)."""
+        device = resolve_device(device)  # checked here: a bad device is the caller's error, not the folder's
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "weights.safetensors"
         saved, tensors = read_model_folder(directory, "piade", FORMAT_VERSION, "weights.safetensors")
