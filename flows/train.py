@@ -25,12 +25,10 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +53,7 @@ from gaussad.errors import DatasetError, GaussadError  # noqa: E402
 from gaussad.evaluate import evaluate  # noqa: E402
 from gaussad.features import Backbone, FeatureStore  # noqa: E402
 from gaussad.model import GaussianAD  # noqa: E402
-from gaussad.model_folder import process_alive  # noqa: E402
+from gaussad.model_folder import remove_abandoned_scratch, scratch_folder  # noqa: E402
 from gaussad.output_folders import claim_output_folder  # noqa: E402
 from gaussad.piade import PiadeAD  # noqa: E402
 
@@ -164,10 +162,8 @@ def new_folder(target: Path, files: tuple[str, ...]) -> Iterator[Path]:
     that the folder appears whole or not at all (a flow killed midway leaves only a hidden scratch
     folder, which nothing reads). If another flow on the same cache completed `target` first, its
     folder is kept and this one discarded; an incomplete `target` is replaced."""
-    _remove_abandoned(target)
-    prefix = f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
-    scratch = target.parent / f"{prefix}{uuid.uuid4().hex[:12]}"  # unique per process and thread
-    scratch.mkdir(parents=True)
+    remove_abandoned_scratch(target.parent, f".{glob.escape(target.name)}.partial-*")
+    scratch = scratch_folder(target)
     try:
         yield scratch / target.name
         if target.exists() and not is_complete(target, files):
@@ -182,15 +178,6 @@ def new_folder(target: Path, files: tuple[str, ...]) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _remove_abandoned(target: Path) -> None:
-    """Scratch folders of `target` left by processes of this host that were killed."""
-    prefix = f".{target.name}.tmp-{socket.gethostname()}-"
-    for scratch in target.parent.glob(glob.escape(prefix) + "*"):
-        pid = scratch.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ---- tasks -------------------------------------------------------------------------------------

@@ -148,28 +148,29 @@ def _decoded_size(path: Path) -> tuple[int, int]:
 
 
 @contextmanager
-def open_image(source: str | Path | BinaryIO, name: str | None = None) -> Iterator[Image.Image]:
+def open_image(source: str | Path | BinaryIO, name: str | None = None, kind: str = "image") -> Iterator[Image.Image]:
     """An image file (a path, or a binary file of encoded bytes named `name`) fully decoded.
-    DatasetError names it when it cannot be read or is larger than MAX_IMAGE_PIXELS."""
+    DatasetError names it (as an image, or a mask: `kind`) when it cannot be read or is larger
+    than MAX_IMAGE_PIXELS."""
     name = name or str(source)
     try:
         with Image.open(source) as img:
             width, height = img.size
             if width * height > MAX_IMAGE_PIXELS:  # checked from the header, before any decoding
-                raise DatasetError(f"image {name} is {width}×{height} pixels, more than the "
+                raise DatasetError(f"{kind} {name} is {width}×{height} pixels, more than the "
                                    f"{MAX_IMAGE_PIXELS / 1e6:.0f} million gaussad decodes (a decompression bomb?)")
             img.load()  # a full decode: catches truncated files that open() alone accepts
             yield img
     except Image.DecompressionBombError as err:  # Pillow's own bound (twice ours), checked in open()
-        raise DatasetError(f"image {name} is more than the {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels gaussad "
+        raise DatasetError(f"{kind} {name} is more than the {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels gaussad "
                            f"decodes (a decompression bomb?): {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, DatasetError):
             raise
-        raise DatasetError(f"cannot read image {name}: {err}") from None
+        raise DatasetError(f"cannot read {kind} {name}: {err}") from None
 
 
-def to_rgb8(img: Image.Image, name: str | Path) -> Image.Image:
+def to_rgb8(img: Image.Image, name: str | Path, kind: str = "image") -> Image.Image:
     """An image of any mode as 8-bit RGB, scaled by its real range: 16-bit and 32-bit integer pixels
     by 65535 (0..65535 -> 0..255), float pixels taken as [0, 1]; grayscale is replicated to 3
     channels, alpha dropped, CMYK, palette and bilevel images converted."""
@@ -177,22 +178,27 @@ def to_rgb8(img: Image.Image, name: str | Path) -> Image.Image:
         return img.convert("RGB")
     pixels = np.asarray(img)
     if img.mode == "F":
-        if not np.isfinite(pixels).all():
-            raise DatasetError(f"image {name} holds NaN or infinite pixel values")
-        low, high = float(pixels.min()), float(pixels.max())
-        if low < -_FLOAT_SLACK or high > 1 + _FLOAT_SLACK:
-            raise DatasetError(f"float image {name} has values in [{low:.4g}, {high:.4g}]: gaussad reads float "
-                               f"images as intensities in [0, 1]; rescale it, or save it as 8- or 16-bit")
-        unit = pixels.astype(np.float64)
+        gray = unit_to_uint8(pixels.astype(np.float64), f"float {kind} {name}")
     elif img.mode.startswith("I"):  # I;16, I;16B, ... and I (32-bit, how some files hold 16-bit data)
         low, high = int(pixels.min()), int(pixels.max())
         if low < 0 or high > 65535:
-            raise DatasetError(f"image {name} has integer values in [{low}, {high}], outside the 16-bit range")
-        unit = pixels.astype(np.float64) / 65535
+            raise DatasetError(f"{kind} {name} has integer values in [{low}, {high}], outside the 16-bit range")
+        gray = unit_to_uint8(pixels / 65535.0, f"{kind} {name}")
     else:
-        raise DatasetError(f"image {name} has the pixel mode {img.mode!r}, which gaussad cannot read")
-    gray = np.clip(np.rint(unit * 255), 0, 255).astype(np.uint8)
+        raise DatasetError(f"{kind} {name} has the pixel mode {img.mode!r}, which gaussad cannot read")
     return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def unit_to_uint8(unit: np.ndarray, what: str) -> np.ndarray:
+    """Intensities in [0, 1] as uint8 0..255; DatasetError naming `what` for NaN, infinities or values
+    outside [0, 1] (beyond a rounding slack, which is clipped)."""
+    if not np.isfinite(unit).all():
+        raise DatasetError(f"{what} holds NaN or infinite values")
+    low, high = float(unit.min()), float(unit.max())
+    if low < -_FLOAT_SLACK or high > 1 + _FLOAT_SLACK:
+        raise DatasetError(f"{what} has values in [{low:.4g}, {high:.4g}]: gaussad takes such values in [0, 1]; "
+                           f"rescale it, or save it as 8- or 16-bit")
+    return np.clip(np.rint(unit * 255), 0, 255).astype(np.uint8)
 
 
 def read_rgb(path: str | Path) -> Image.Image:
@@ -206,9 +212,6 @@ def read_mask(path: str | Path | None, size: tuple[int, int]) -> np.ndarray:
     A pixel is defective when it is above half the range of the mask's bit depth."""
     if path is None:
         return np.zeros((size[1], size[0]), dtype=bool)
-    try:
-        with open_image(path) as img:
-            mask = to_rgb8(img, path).convert("L").resize(size, Image.NEAREST)
-    except DatasetError as err:
-        raise DatasetError(str(err).replace("image", "mask", 1)) from None
+    with open_image(path, kind="mask") as img:
+        mask = to_rgb8(img, path, kind="mask").convert("L").resize(size, Image.NEAREST)
     return np.asarray(mask) > 127

@@ -13,10 +13,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -42,10 +44,8 @@ def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], 
     and an existing folder is replaced only if it is a gaussad model folder."""
     directory = check_model_destination(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(directory)
-    # unique per save, so two threads or processes saving to one place never share it
-    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-    partial.mkdir()
+    remove_abandoned_scratch(directory.parent, f".{glob.escape(directory.name)}.partial-*")
+    partial = scratch_folder(directory)
     try:
         save_file(tensors, str(partial / tensors_file))
         signed = {**config, DIGEST_KEY: model_digest(config, partial / tensors_file)}
@@ -104,12 +104,22 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(error, os.strerror(error), str(b))
 
 
-def remove_stale_partials(directory: Path) -> None:
-    """Delete the hidden .<name>.partial-<pid>-<id> folders that saves killed mid-way left beside `directory`."""
-    for partial in directory.parent.glob(f".{directory.name}.partial-*"):
-        pid = partial.name.split(".partial-", 1)[-1].split("-")[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
+def scratch_folder(target: Path) -> Path:
+    """A new hidden folder beside `target` to write it in: .<name>.partial-<host>-<pid>-<id>, unique per
+    call (two threads or processes writing one target never share it), its owner known by name."""
+    folder = target.with_name(f".{target.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    folder.mkdir(parents=True)
+    return folder
+
+
+def remove_abandoned_scratch(parent: Path, pattern: str) -> None:
+    """Delete the scratch folders (see scratch_folder) matching `pattern` in `parent` whose process,
+    on this machine, is gone: left by a process killed while writing."""
+    host = socket.gethostname()
+    for folder in parent.glob(pattern):
+        owner = folder.name.split(".partial-", 1)[-1].rsplit("-", 2)  # [host, pid, id]; a host may hold '-'
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not process_alive(int(owner[1])):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def process_alive(pid: int) -> bool:

@@ -62,10 +62,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
-import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +82,8 @@ from gaussad.data import ImageSet, read_rgb
 from gaussad.features import LITE0_PACKAGE, WeightsError, build_model, normalization, resolve_device, to_tensor
 from gaussad.errors import CheckpointError, ModelFileError
 from gaussad.model import NormalThresholds, Scores
-from gaussad.model_folder import process_alive, read_model_folder, replace_folder, write_model_folder
+from gaussad.model_folder import (read_model_folder, remove_abandoned_scratch, replace_folder, scratch_folder,
+                                  write_model_folder)
 from gaussad.output_folders import check_output_folder
 
 FORMAT_VERSION = 2  # 2: config.json carries the digest of config + tensors
@@ -774,12 +773,8 @@ class _TrainingRun:
         directory = self.checkpoint_dir
         directory.mkdir(parents=True, exist_ok=True)
         final = directory / f"epoch-{epoch:04d}"
-        for stale in directory.glob(".epoch-*.partial-*"):  # left by a process killed while saving
-            if not process_alive(int(stale.name.split(".partial-")[1].split("-")[0])):
-                shutil.rmtree(stale, ignore_errors=True)
-        # unique per process: two flows training the same model on one cache must not share it
-        partial = directory / f".epoch-{epoch:04d}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        partial.mkdir()
+        remove_abandoned_scratch(directory, ".epoch-*.partial-*")
+        partial = scratch_folder(final)  # two flows training one model on one cache never share it
         net_state = {k: v.detach().cpu().contiguous() for k, v in self.model.net.state_dict().items()}
         save_file(net_state, str(partial / "model.safetensors"))
         optimizer_state = self.optimizer.state_dict()

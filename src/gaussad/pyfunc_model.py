@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from gaussad.data import MAX_IMAGE_PIXELS, open_image, read_rgb, to_rgb8
+from gaussad.data import MAX_IMAGE_PIXELS, open_image, read_rgb, to_rgb8, unit_to_uint8
 from gaussad.features import to_tensor
 from gaussad.model import load_model
 
@@ -97,19 +97,10 @@ def _array_image(array: np.ndarray) -> Image.Image:
                          f"{MAX_IMAGE_PIXELS / 1e6:.0f} million gaussad scores")
     if array.dtype == np.uint8:
         return Image.fromarray(array).convert("RGB")
-    if array.dtype == np.uint16:
-        unit = array / 65535.0
-    elif np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer):
-        unit = array.astype(np.float64)
-        if not np.isfinite(unit).all():
-            raise ValueError(f"an image array holds NaN or infinite values (shape {array.shape})")
-        low, high = float(unit.min()), float(unit.max())
-        if low < -1e-3 or high > 1 + 1e-3:
-            raise ValueError(f"an image array of {array.dtype} must hold values in [0, 1] (uint8 and uint16 "
-                             f"arrays hold their full range), got [{low:.4g}, {high:.4g}]")
-    else:
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise ValueError(f"an image array must be of numbers, got dtype {array.dtype}")
-    return Image.fromarray(np.clip(np.rint(unit * 255), 0, 255).astype(np.uint8)).convert("RGB")
+    unit = array / 65535.0 if array.dtype == np.uint16 else array.astype(np.float64)
+    return Image.fromarray(unit_to_uint8(unit, "an image array")).convert("RGB")
 
 
 def images_from_input(model_input) -> list:
