@@ -1,4 +1,5 @@
-# Two entry points: `make demo` and `make test`. Both create .venv and install gaussad into it.
+# Two entry points: `make demo` and `make test`. Both create .venv and install gaussad into it,
+# with every extra (pipeline: Prefect and DVC; tracking: MLflow; test: pytest).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,12 +10,14 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[all,test]"
 	touch $(STAMP)
 
 # Demo data -> fit + evaluate every category (offline ImageNet weights) -> results table.
+# data/ is the dataset root tracked by data.dvc; when it is missing or empty, the demo writes the
+# demo data there (the content data.dvc pins); a dataset already in data/ is used as it is.
 demo: $(STAMP)
-	$(BIN)/gaussad demo --data data/demo --out outputs/demo
+	$(BIN)/gaussad demo --data data --out outputs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -29,5 +32,7 @@ bench: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --port 5000
 
+# Results only: data/ is the DVC-tracked dataset (perhaps your MVTec AD copy) and is never deleted
+# here; `dvc gc` prunes the DVC cache, `rm -rf mlflow/mlflow.db mlflow/artifacts` the tracking store.
 clean:
-	rm -rf outputs data/demo
+	rm -rf outputs dvc_plots

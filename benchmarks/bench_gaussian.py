@@ -111,7 +111,7 @@ def run_worker(args: argparse.Namespace) -> None:
     import torch
 
     from gaussad.features import FeatureStore
-    from gaussad.model import GaussianAD
+    from gaussad.gaussian_detector import GaussianAD
 
     job = json.loads(Path(args.worker).read_text())
     stage, config = job["stage"], job["config"]

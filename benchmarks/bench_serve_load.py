@@ -38,7 +38,7 @@ from mlflow.tracking import MlflowClient
 
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
-from gaussad.model import GaussianAD
+from gaussad.gaussian_detector import GaussianAD
 from gaussad.registry import register_model
 
 ROOT = Path(__file__).resolve().parents[1]

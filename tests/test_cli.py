@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from gaussad.cli import main
@@ -189,3 +190,66 @@ def test_piade_fit_resume_evaluate_and_predict(dataset, tmp_path, capsys):
     assert main(["predict", str(model), str(dataset / "weave" / "test" / "hole"), "-o", str(tmp_path / "pred"),
                  "--quiet"]) == 0
     assert len(pd.read_csv(tmp_path / "pred" / "predictions.csv")) == 3
+
+
+# ---- flags by model type, --config, extras ----------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model-type", "piade", "--levels", "3"], "--levels applies to --model-type gaussian, not piade"),
+    (["--spatial", "per-location", "--model-type", "piade"], "--spatial applies to --model-type gaussian"),
+    (["--epochs", "3"], "--epochs applies to --model-type piade, not gaussian"),
+    (["--checkpoint-dir", "ckpt"], "--checkpoint-dir applies to --model-type piade, not gaussian"),
+])
+def test_a_flag_of_the_other_model_type_is_refused(dataset, tmp_path, capsys, flags, message):
+    """Flags that would be silently ignored by the chosen model type are one-line errors, before any compute."""
+    err = run_cli_error(["fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), "--quiet", *flags], capsys)
+    assert message in err and not (tmp_path / "m").exists()
+
+
+def test_fit_takes_its_settings_from_a_params_file_and_flags_override_it(dataset, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "model_type": "gaussian",
+        "model": {"backbone": "tf_efficientnet_lite0", "weights": "package:efficientnet-lite0", "levels": [3, 4],
+                  "image_size": 96, "reduction": "pca", "variance": 0.9, "spatial": "shared", "holdout": 0.25,
+                  "seed": 3, "batch_size": 4},
+        "piade": {"preset": "lite0", "epochs": 1},  # another type's block: not read
+    }))
+    model = tmp_path / "m"
+    assert main(["fit", str(dataset / "weave"), "-o", str(model), "--config", str(params), "--quiet"]) == 0
+    config = json.loads((model / "config.json").read_text())
+    assert (config["levels"], config["image_size"], config["reduction"], config["variance"], config["seed"]) == \
+        ([3, 4], 96, "pca", 0.9, 3)
+    assert config["n_holdout_images"] == 3  # 25 % of the 12 training images
+    assert main(["fit", str(dataset / "weave"), "-o", str(model), "--config", str(params), "--image-size", "64",
+                 "--levels", "3", "--quiet"]) == 0
+    config = json.loads((model / "config.json").read_text())
+    assert (config["levels"], config["image_size"], config["reduction"]) == ([3], 64, "pca")
+
+
+def test_params_file_errors_name_the_file_and_the_key(dataset, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model_type": "gaussian", "model": {"backbone": "resnet18", "level": [3]}}))
+    err = run_cli_error(["fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), "--config", str(params)], capsys)
+    assert f"{params}: model.level is not a setting of GaussianAD" in err
+    params.write_text("model_type: [gaussian\n")
+    assert f"{params} is not valid YAML" in run_cli_error(
+        ["fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), "--config", str(params)], capsys)
+    params.write_text(yaml.safe_dump({"model_type": "svm"}))
+    assert "unknown model_type 'svm'" in run_cli_error(
+        ["fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), "--config", str(params)], capsys)
+
+
+@pytest.mark.parametrize("command, missing, extra", [
+    (["log", "run"], "mlflow", "tracking"),
+    (["promote", "gaussad-x-y"], "mlflow", "tracking"),
+    (["serve", "--cron", "0 3 * * *", "--data", "data"], "prefect", "pipeline"),
+])
+def test_a_command_whose_extra_is_not_installed_names_it(command, missing, extra):
+    """The core installs without Prefect and MLflow (extras); the commands that need them say which
+    extra to install. A package set to None in sys.modules cannot be imported, as if not installed."""
+    code = f"import sys; sys.modules[{missing!r}] = None; from gaussad.cli import main; sys.exit(main({command!r}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"gaussad: error: `gaussad {command[0]}` needs {missing}, which is not "
+                                     f"installed: pip install 'gaussad[{extra}]' (or gaussad[all])")

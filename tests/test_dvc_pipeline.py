@@ -1,7 +1,8 @@
-"""dvc.yaml with real DVC and the real flow (flows/train.py), in a throwaway git repository.
+"""data.dvc and dvc.yaml with real DVC and the real flow (flows/train.py), in throwaway git repositories.
 
-The repository's dvc.yaml, params.yaml, .gitignore, flows/ and src/gaussad are copied in;
-params are shrunk (one category, 64 px, two levels) and the demo stage writes a small dataset.
+The repository's dvc.yaml, params.yaml, .gitignore, .dvcignore, data.dvc, flows/ and src/gaussad are
+copied in, as a fresh clone would have them (no data/, an empty DVC cache, no remote); data/ is then
+written by the demo generator, as `make demo` or `gaussad demo-data data` writes it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import yaml
 from gaussad.demo import write_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-# The demo stage with small counts (`gaussad demo-data` writes the full-size dataset: ~30 s).
-SMALL_DEMO = (
-    'python -c "from gaussad.demo import write_demo_dataset as w; w(\'data/demo\', seed=${demo.seed}, '
-    "categories=['weave'], n_train=12, n_test_good=4, n_test_per_defect=2, image_size=64)\""
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "data.dvc")
+MISMATCH_HINT = (
+    "the demo data written here differs from what data.dvc pins. Either the generator changed "
+    "(then regenerate, `dvc add data` and commit data.dvc) or this machine renders other bytes: "
+    "numpy's SIMD code paths (a float32 pixel rounding the other way) or Pillow's zlib build"
 )
 
 
@@ -42,6 +44,7 @@ def digests(root: Path) -> dict[str, str]:
 def registered_versions(env: dict) -> int:
     from mlflow.tracking import MlflowClient
 
+    # the registered name is gaussad-<data.name>-<category>
     return len(MlflowClient(env["MLFLOW_TRACKING_URI"]).search_model_versions("name = 'gaussad-demo-weave'"))
 
 
@@ -61,59 +64,85 @@ def env(tmp_path):
     }
 
 
-@pytest.fixture
-def project(tmp_path, env):
-    """A fresh git + DVC repository holding this repository's pipeline, with small settings."""
-    repo = tmp_path / "repo"
+def fresh_clone(repo: Path, env: dict, code: bool = True) -> Path:
+    """A git + DVC repository holding this repository's pipeline files (and code), committed."""
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+    for name in PROJECT_FILES:
         shutil.copy(REPO / name, repo / name)
-    for folder in ("flows", "src/gaussad"):
-        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    if code:
+        for folder in ("flows", "src/gaussad"):
+            shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     run(repo, "git", "init", "-q", env=env)
     run(repo, "dvc", "init", "-q", env=env)
     run(repo, "dvc", "config", "cache.type", "hardlink,symlink", env=env)
-
-    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
-    assert pipeline["stages"]["demo_data"]["cmd"].startswith("gaussad demo-data data/demo")
-    pipeline["stages"]["demo_data"]["cmd"] = SMALL_DEMO
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(root="data/demo", categories=["weave"])
-    params["model"].update(image_size=64, levels=[3, 4], batch_size=8)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(repo, "git", "add", "-A", env=env)
+    run(repo, "git", "commit", "-q", "-m", "clone", env=env)
     return repo
 
 
-def test_dvc_add_push_pull_restores_data(project, env, tmp_path):
-    data = project / "data" / "mvtec"
+@pytest.fixture
+def project(tmp_path, env):
+    """A fresh clone with small settings (one category, 64 px, two levels) and data/ not yet written."""
+    repo = fresh_clone(tmp_path / "repo", env)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["data"]["root"] == "data"
+    params["data"].update(categories=["weave"])
+    params["model"].update(image_size=64, levels=[3, 4], batch_size=8)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(repo, "git", "commit", "-q", "-am", "small settings", env=env)
+    return repo
+
+
+def test_demo_data_is_what_data_dvc_pins(tmp_path, env):
+    """`gaussad demo-data data` in a fresh clone writes exactly the content data.dvc records."""
+    repo = fresh_clone(tmp_path / "repo", env, code=False)
+    pointer = (repo / "data.dvc").read_text()
+    assert yaml.safe_load(pointer)["outs"][0]["path"] == "data"
+    assert subprocess.run(["git", "check-ignore", "-q", "data"], cwd=repo).returncode == 0, "data/ must be git-ignored"
+    assert subprocess.run(["git", "check-ignore", "-q", "data.dvc"], cwd=repo).returncode == 1, "data.dvc is committed"
+
+    run(repo, "gaussad", "demo-data", "data", env=env)
+    # the data is not in this clone's (empty) cache: DVC says so whether or not it matches data.dvc
+    assert "not in cache:       data" in run(repo, "dvc", "status", "data.dvc", env=env)
+    # `dvc commit` (no --force) caches the data only when it is what data.dvc records
+    done = subprocess.run(["dvc", "commit", "data.dvc"], cwd=repo, env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, f"{MISMATCH_HINT}:\n{done.stdout}{done.stderr}"
+    assert (repo / "data.dvc").read_text() == pointer
+    assert run(repo, "dvc", "status", "data.dvc", env=env).strip() == "Data and pipelines are up to date."
+
+
+def test_replacing_the_data_then_dvc_add_push_pull(project, env, tmp_path):
+    """The loop docs/dvc.md shows for one's own dataset: copy it into data/, dvc add, commit, push; pull."""
+    data = project / "data"
     write_demo_dataset(data, categories=["brushed"], n_train=4, n_test_good=2, n_test_per_defect=1, image_size=32)
     before = digests(data)
-    run(project, "dvc", "add", "data/mvtec", env=env)
-    assert (project / "data" / "mvtec.dvc").is_file()
-    ignored = subprocess.run(["git", "check-ignore", "-q", "data/mvtec.dvc"], cwd=project)
-    assert ignored.returncode == 1, "data/mvtec.dvc must be committable (not git-ignored)"
+    gitignore = (project / ".gitignore").read_text()
+    run(project, "dvc", "add", "data", env=env)
+    assert (project / ".gitignore").read_text() == gitignore, "dvc add data must find /data already ignored"
+    assert "data.dvc" in run(project, "git", "status", "--porcelain", env=env)  # a new pointer to commit
+    run(project, "git", "add", "data.dvc", env=env)
+    run(project, "git", "commit", "-q", "-m", "my dataset", env=env)
     run(project, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"), env=env)
     run(project, "dvc", "push", env=env)
 
     shutil.rmtree(project / ".dvc" / "cache")
     shutil.rmtree(data)
-    run(project, "dvc", "pull", "data/mvtec.dvc", env=env)
+    run(project, "dvc", "pull", "data.dvc", env=env)
     assert digests(data) == before
-
-    # data.root is the switch: train now depends on the added dataset, not on the demo stage
-    assert '"demo_data" -> "train"' in run(project, "dvc", "dag", "--dot", env=env)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"]["root"] = "data/mvtec"
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dag = run(project, "dvc", "dag", "--dot", env=env)
-    assert '"data/mvtec.dvc" -> "train"' in dag and '"demo_data" -> "train"' not in dag
+    assert run(project, "dvc", "status", "data.dvc", env=env).strip() == "Data and pipelines are up to date."
+    # the train stage depends on data.root, i.e. on the dataset data.dvc tracks
+    assert '"data.dvc" -> "train"' in run(project, "dvc", "dag", "--dot", env=env)
 
 
 @pytest.mark.slow  # two flow runs, ~35 s each (mostly Prefect's temporary server)
 def test_repro_reruns_only_what_changed(project, env):
+    write_demo_dataset(project / "data")  # the demo data data.dvc pins (what `gaussad demo-data data` writes)
+    pointer = (project / "data.dvc").read_text()
     first = run(project, "dvc", "repro", env=env)
-    assert "Running stage 'demo_data'" in first and "Running stage 'train'" in first
+    assert "Verifying data sources in stage: 'data.dvc'" in first and "Running stage 'train'" in first
+    # repro caches the data; with other bytes it would silently rewrite data.dvc, so check it did not
+    assert (project / "data.dvc").read_text() == pointer, MISMATCH_HINT
     out = project / "outputs" / "pipeline"
     for name in ("metrics.json", "run.json", "plots/roc_weave.csv", "weave/model/config.json",
                  "weave/model/stats.safetensors", "weave/evaluation/metrics.json"):
@@ -124,7 +153,8 @@ def test_repro_reruns_only_what_changed(project, env):
 
     again = run(project, "dvc", "repro", env=env)
     assert "Running stage" not in again
-    assert "Stage 'train' didn't change" in again and "Data and pipelines are up to date" in again
+    assert "'data.dvc' didn't change" in again and "Stage 'train' didn't change" in again
+    assert "Data and pipelines are up to date" in again
     assert registered_versions(env) == 1  # a skipped stage registers nothing
 
     shown = run(project, "dvc", "metrics", "show", env=env)
@@ -137,8 +167,7 @@ def test_repro_reruns_only_what_changed(project, env):
     params["model"]["variance"] = 0.1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run(project, "dvc", "repro", env=env)
-    assert "Stage 'demo_data' didn't change" in changed and "Running stage 'train'" in changed
-    assert "Running stage 'demo_data'" not in changed
+    assert "'data.dvc' didn't change" in changed and "Running stage 'train'" in changed
     assert (out / "weave" / "model" / "config.json").is_file()
     assert registered_versions(env) == 2  # the refitted model is the new challenger
 

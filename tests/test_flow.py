@@ -114,7 +114,7 @@ def test_corrupt_image_fails_one_category_and_resume_after_fix(project):
 
 
 def test_dask_task_runner_on_a_local_cluster_gives_the_same_results(project, tmp_path):
-    from flows.train import dask_runner
+    from flows.runtime import dask_runner
 
     threads = run(project)
     on_dask = train.with_options(task_runner=dask_runner(workers=2))

@@ -17,16 +17,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-import flows.train as pipeline  # a module: pytest would collect its test_split_digest as a test
+import flows.cache as task_cache  # a module: pytest would collect its test_split_digest as a test
+import flows.train as pipeline
 from gaussad.data import load_category
+from gaussad.detectors import model_spec
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 ROOT = Path(__file__).parents[1]
 CATEGORIES = ["brushed", "weave"]  # the demo_root fixture's
 STEPS = ("train", "test", "fit", "evaluate")
-COMPLETE_WHEN = {"features": pipeline.FEATURE_FILES, "models": pipeline.MODEL_FILES,
-                 "evaluations": pipeline.EVALUATION_FILES}
+COMPLETE_WHEN = {"features": task_cache.FEATURE_FILES, "models": task_cache.MODEL_FILES,
+                 "evaluations": task_cache.EVALUATION_FILES}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,14 +96,14 @@ def assert_every_folder_complete(cache: Path) -> None:
 def category_folders(project, name: str) -> dict[str, Path]:
     """Where the flow caches one category's features, model and evaluation."""
     category = load_category(project["data"], name)
-    settings = {k: project["params"]["model"][k] for k in pipeline.MODEL_KEYS}
-    backbone = {k: settings[k] for k in pipeline.BACKBONE_KEYS}
+    spec = model_spec(project["params"])
+    backbone = pipeline.backbone_settings(spec.settings)
     cache = str(project["cache"].resolve())
-    train = pipeline.features_folder(cache, pipeline.file_digest(category.train.paths), backbone)
-    model = pipeline.model_folder(cache, str(train), settings, project["params"]["model"]["holdout"])
-    test_digest = pipeline.test_split_digest(category)
-    return {"train": train, "test": pipeline.features_folder(cache, test_digest, backbone), "model": model,
-            "evaluation": pipeline.evaluation_folder(cache, str(model), test_digest)}
+    train = task_cache.features_folder(cache, task_cache.file_digest(category.train.paths), backbone)
+    model = task_cache.model_folder(cache, str(train), spec.settings, spec.holdout)
+    test_digest = task_cache.test_split_digest(category)
+    return {"train": train, "test": task_cache.features_folder(cache, test_digest, backbone), "model": model,
+            "evaluation": task_cache.evaluation_folder(cache, str(model), test_digest)}
 
 
 def test_flow_killed_midway_resumes_from_what_had_finished(project, prefect_api):

@@ -18,8 +18,8 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from gaussad.data import load_category, read_rgb
 from gaussad.features import LITE0_PACKAGE, to_tensor
-from gaussad.errors import OutputError
-from gaussad.model import GaussianAD, ModelFileError
+from gaussad.errors import ModelFileError, OutputError
+from gaussad.gaussian_detector import GaussianAD
 from gaussad.model_folder import model_digest
 
 LEVELS = (3, 4, 5)

@@ -22,20 +22,12 @@ from gaussad.demo import write_demo_dataset
 from gaussad.evaluate import evaluate
 from gaussad.features import LITE0_PACKAGE, WeightsError, build_model
 from gaussad.metrics import image_auroc
-from gaussad.model import ModelFileError
+from gaussad.errors import CheckpointError, ModelFileError
 from gaussad.model_folder import model_digest
-from gaussad.piade import (
-    PIADE_PRESETS,
-    CapsuleRouting,
-    CheckpointError,
-    PerceptualFeatures,
-    PiadeAD,
-    PiadeNet,
-    ReconstructionLoss,
-    SEBlock,
-    _TrainingRun,
-    squash,
-)
+from gaussad.piade import PiadeAD
+from gaussad.piade.loss import PerceptualFeatures, ReconstructionLoss
+from gaussad.piade.network import CapsuleRouting, PiadeNet, SEBlock, squash
+from gaussad.piade.training import TrainingRun
 from gaussad.plots import save_reconstruction
 
 SIZE = 64  # training tests: small images and the offline Lite0 weights keep them fast on a CPU
@@ -307,7 +299,7 @@ def test_paper_preset_offline_fails_naming_the_hub_weights(tmp_path):
 
 
 def test_presets():
-    paper = PIADE_PRESETS["paper"]
+    paper = PiadeAD.PRESETS["paper"]
     assert (paper["backbone"], paper["weights"], paper["perceptual"]) == ("resnet18", "timm", "vgg11")
     assert (paper["image_size"], paper["learning_rate"], paper["weight_decay"]) == (120, 1e-3, 1e-4)
     assert (paper["train_batch_size"], paper["epochs"]) == (120, 400)  # Table 1
@@ -341,7 +333,7 @@ def runs(category, tmp_path_factory):
     after_first_half = sorted(p.name for p in checkpoints.iterdir())
     resumed = PiadeAD(**FAST, epochs=4).fit(category.train, checkpoint_dir=checkpoints)
 
-    train_epoch = _TrainingRun._train_epoch
+    train_epoch = TrainingRun._train_epoch
 
     def interrupt_in_epoch_3(run, epoch):
         if epoch == 3:
@@ -349,7 +341,7 @@ def runs(category, tmp_path_factory):
         return train_epoch(run, epoch)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_TrainingRun, "_train_epoch", interrupt_in_epoch_3)
+        patch.setattr(TrainingRun, "_train_epoch", interrupt_in_epoch_3)
         with pytest.raises(KeyboardInterrupt):
             PiadeAD(**FAST, epochs=4).fit(category.train, checkpoint_dir=interrupted)
     after_interruption = sorted(p.name for p in interrupted.iterdir())
@@ -449,13 +441,15 @@ def test_save_load_gives_identical_scores_without_any_weight_source(runs, catego
     assert config["model_type"] == "piade" and config["weights"] == LITE0_PACKAGE
     assert config["loss_history"] == model.fit_info["loss_history"]
 
-    import gaussad.piade
+    import gaussad.piade.loss
+    import gaussad.piade.network
 
     def only_random(name, weights, seed=0):  # loading must touch no weight source
         assert weights == "none", f"load asked for weights {weights!r}"
         return build_model(name, weights, seed)
 
-    monkeypatch.setattr(gaussad.piade, "build_model", only_random)
+    monkeypatch.setattr(gaussad.piade.network, "build_model", only_random)
+    monkeypatch.setattr(gaussad.piade.loss, "build_model", only_random)
     loaded = PiadeAD.load(directory, device="cpu", progress=False)
     assert loaded.config == model.config and loaded.thresholds == model.thresholds
     before, after = model.score(category.test), loaded.score(category.test)

@@ -8,6 +8,7 @@ model folder, an output path holding files gaussad did not write) ends in one li
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 import warnings
@@ -15,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image
 
 from gaussad.data import IMAGE_SUFFIXES, ImageSet, list_categories, load_category, read_rgb, validate_images
 from gaussad.demo import DEMO_CATEGORIES, write_demo_dataset
-from gaussad.evaluate import evaluate
+from gaussad.evaluate import TEST_METRICS, evaluate
 from gaussad.errors import GaussadError
-from gaussad.model import PRESETS, GaussianAD, load_model
+from gaussad.detector import Detector
+from gaussad.detectors import DEFAULT_MODEL_TYPE, DETECTORS, detector_class, load_model, model_spec
 from gaussad.output_folders import check_model_destination, check_output_folder, claim_output_folder
-from gaussad.piade import PiadeAD
 from gaussad.plots import save_overlay
 
 # OSError: missing files, permissions, a full disk, an unreachable tracking server
@@ -96,15 +98,14 @@ def _parser() -> argparse.ArgumentParser:
 
     promote = commands.add_parser("promote", help="make a registered model's challenger the champion if it is "
                                                   "at least as good on the same test data")
-    promote.add_argument("name", help="registered model, e.g. gaussad-mvtec-bottle")
-    promote.add_argument("--metric", default="image_auroc",
-                         choices=("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy"))
+    promote.add_argument("names", nargs="+", help="registered models, e.g. gaussad-mvtec-bottle")
+    promote.add_argument("--metric", default="image_auroc", choices=TEST_METRICS)
     promote.add_argument("--data", type=Path, help="dataset root to compare on (default: the challenger's)")
     promote.add_argument("--force", action="store_true", help="promote whatever the comparison says")
     promote.set_defaults(run=_promote)
 
     demo = commands.add_parser("demo", help="demo data -> fit and evaluate every category -> results table")
-    demo.add_argument("--data", type=Path, default=Path("data/demo"))
+    demo.add_argument("--data", type=Path, default=Path("data"), help="dataset root; the demo data is written there if it is missing or empty (default data/, the folder data.dvc tracks)")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"))
     _add_model_arguments(demo, default_preset="lite0")
     demo.set_defaults(run=_demo)
@@ -117,57 +118,98 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="scoring batch (default 16)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# The flags of one model type only, by type: (flag, argparse options). A flag's name is its setting's
+# (--image-size: image_size), and it is refused with another model type.
+MODEL_TYPE_FLAGS = {
+    "gaussian": [
+        ("--levels", dict(type=int, nargs="+", help="feature levels (paper: 3 4 5 6 7)")),
+        ("--reduction", dict(choices=("npca", "pca", "none"), help="default npca")),
+        ("--variance", dict(type=float, help="variance fraction kept (default 0.05)")),
+        ("--spatial", dict(choices=("shared", "per-location"), help="default shared")),
+    ],
+    "piade": [
+        ("--epochs", dict(type=int)),
+        ("--train-batch-size", dict(type=int)),
+        ("--learning-rate", dict(type=float)),
+        ("--lambda-perceptual", dict(type=float, help="weight of the perceptual term (0: off)")),
+        ("--lambda-ssim", dict(type=float, help="weight of the SSIM term (0: off)")),
+        ("--early-stopping-patience", dict(type=int, help="epochs without improvement before stopping")),
+        ("--checkpoint-dir", dict(type=Path, help="checkpoint every epoch here; a rerun resumes from it")),
+    ],
+}
+FIT_FLAGS = ("holdout", "checkpoint_dir")  # arguments of fit(), not of the detector
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
-    parser.add_argument("--model-type", choices=("gaussian", "piade"), default="gaussian",
+    parser.set_defaults(default_preset=default_preset)
+    parser.add_argument("--config", type=Path, help="a params.yaml: its model_type and that type's block "
+                                                    "(flags given here override it)")
+    parser.add_argument("--model-type", choices=DETECTORS,
                         help="gaussian (default: Gaussians of pretrained features) or piade (a reconstruction network)")
-    parser.add_argument("--preset", choices=PRESETS, default=default_preset,
-                        help=f"backbone, weights, levels and size together (default {default_preset}); "
-                             "'lite0' works offline")
+    presets = sorted({name for detector in DETECTORS.values() for name in detector.PRESETS})
+    parser.add_argument("--preset", choices=presets,
+                        help=f"backbone, weights, levels and size together (default {default_preset}, or the "
+                             "--config block's); 'lite0' works offline")
     parser.add_argument("--backbone", help="timm model name, overrides the preset")
     parser.add_argument("--weights", help="timm | file:<path> | package:efficientnet-lite0 | none")
-    parser.add_argument("--levels", type=int, nargs="+")
     parser.add_argument("--image-size", type=int)
-    parser.add_argument("--reduction", choices=("npca", "pca", "none"), default="npca")
-    parser.add_argument("--variance", type=float, default=0.05, help="variance fraction kept (default 0.05)")
-    parser.add_argument("--spatial", choices=("shared", "per-location"), default="shared")
-    parser.add_argument("--holdout", type=float, default=0.1, help="train fraction held out for thresholds")
-    parser.add_argument("--seed", type=int, default=0)
-    piade = parser.add_argument_group("PIADE (--model-type piade; defaults: the preset, i.e. Table 1 of the paper)")
-    piade.add_argument("--epochs", type=int)
-    piade.add_argument("--train-batch-size", type=int)
-    piade.add_argument("--learning-rate", type=float)
-    piade.add_argument("--lambda-perceptual", type=float, help="weight of the perceptual term (0: off)")
-    piade.add_argument("--lambda-ssim", type=float, help="weight of the SSIM term (0: off)")
-    piade.add_argument("--early-stopping-patience", type=int, help="epochs without improvement before stopping")
-    piade.add_argument("--checkpoint-dir", type=Path, help="checkpoint every epoch here; a rerun resumes from it")
+    parser.add_argument("--holdout", type=float, help="train fraction held out for thresholds (default 0.1)")
+    parser.add_argument("--seed", type=int)
+    for model_type, flags in MODEL_TYPE_FLAGS.items():
+        group = parser.add_argument_group(f"{DETECTORS[model_type].NAME} only (--model-type {model_type})")
+        for flag, options in flags:
+            group.add_argument(flag, **options)
     _add_runtime_arguments(parser)
 
 
-def _model_from_arguments(args: argparse.Namespace) -> GaussianAD | PiadeAD:
-    if args.model_type == "piade":
-        keys = ("backbone", "weights", "image_size", "epochs", "train_batch_size", "learning_rate",
-                "lambda_perceptual", "lambda_ssim", "early_stopping_patience")
-        overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-        return PiadeAD.from_preset(args.preset, **overrides, seed=args.seed, batch_size=args.batch_size,
-                                   device=args.device, progress=not args.quiet)
-    settings = dict(PRESETS[args.preset])
-    for key in ("backbone", "weights", "levels", "image_size"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    return GaussianAD(**settings, reduction=args.reduction, variance=args.variance, spatial=args.spatial,
-                      seed=args.seed, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+def _runtime(args: argparse.Namespace) -> dict:
+    """How a loaded model runs: device, progress bars, scoring batch."""
+    return {"device": args.device, "progress": not args.quiet, "batch_size": 16 if args.batch_size is None
+            else args.batch_size}
 
 
-def _train(model: GaussianAD | PiadeAD, images, args: argparse.Namespace) -> None:
-    if isinstance(model, PiadeAD):
-        model.fit(images, holdout=args.holdout, checkpoint_dir=args.checkpoint_dir)
-    else:
-        model.fit(images, holdout=args.holdout)
+def _model_from_arguments(args: argparse.Namespace) -> tuple[Detector, dict]:
+    """The unfitted detector the flags (over --config, over the preset) describe, and fit()'s options."""
+    params = _read_config(args.config) if args.config else {}
+    params["model_type"] = args.model_type or params.get("model_type", DEFAULT_MODEL_TYPE)
+    for model_type, flags in MODEL_TYPE_FLAGS.items():
+        given = [flag for flag, _ in flags if getattr(args, _dest(flag)) is not None]
+        if model_type != params["model_type"] and given:
+            raise ValueError(f"{given[0]} applies to --model-type {model_type}, not {params['model_type']}")
+    detector = detector_class(params["model_type"])
+    has_block = bool(params.get(detector.PARAMS_BLOCK))
+    preset = args.preset or (None if has_block else args.default_preset)
+    spec = model_spec(params, str(args.config or "the command line"), preset)
+    flags = [("--backbone", None), ("--weights", None), ("--image-size", None), ("--seed", None),
+             *MODEL_TYPE_FLAGS[params["model_type"]]]
+    for flag, _ in flags:
+        if getattr(args, _dest(flag)) is not None and _dest(flag) not in FIT_FLAGS:
+            spec.settings[_dest(flag)] = getattr(args, _dest(flag))
+    spec.holdout = args.holdout if args.holdout is not None else spec.holdout
+    spec.batch_size = args.batch_size if args.batch_size is not None else spec.batch_size
+    fit_options = {"holdout": spec.holdout}
+    if getattr(args, "checkpoint_dir", None) is not None:
+        fit_options["checkpoint_dir"] = args.checkpoint_dir
+    return spec.build(device=args.device, progress=not args.quiet), fit_options
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} holds no settings (a YAML mapping like params.yaml)")
+    return params
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
 def _category(args: argparse.Namespace):
@@ -188,8 +230,8 @@ def _demo_data(args: argparse.Namespace) -> None:
 def _fit(args: argparse.Namespace) -> None:
     check_model_destination(args.model)  # a user's folder or file is never replaced
     category = _category(args)  # validated before any compute
-    model = _model_from_arguments(args)
-    _train(model, category.train, args)
+    model, fit_options = _model_from_arguments(args)
+    model.fit(category.train, **fit_options)
     model.save(args.model)
     print(f"fitted {category.name} on {model.fit_info['n_train_images']} images -> {args.model}")
 
@@ -197,7 +239,7 @@ def _fit(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     check_output_folder(args.out, "evaluation")  # evaluate() creates it once the inputs are valid
     category = _category(args)  # validated before the model is even loaded
-    model = load_model(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
+    model = load_model(args.model, **_runtime(args))
     check_model_destination(args.model)  # evaluate saves the thresholds back into the model folder
     metrics = evaluate(model, category, args.out, args.overlays)
     model.save(args.model)  # now with the thresholds calibrated on labelled test data
@@ -207,7 +249,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     check_output_folder(args.out, "predictions")
-    model = load_model(args.model, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
+    model = load_model(args.model, **_runtime(args))
     images = ImageSet.from_paths(_expand_image_arguments(args.images))
     validate_images(images)
     threshold = _threshold(model, args.threshold)
@@ -241,7 +283,7 @@ def _expand_image_arguments(arguments: list[Path]) -> list[Path]:
     return paths
 
 
-def _threshold(model: GaussianAD | PiadeAD, choice: str | None) -> float:
+def _threshold(model: Detector, choice: str | None) -> float:
     if choice is None:
         return model.decision_threshold
     if choice in model.thresholds:
@@ -253,13 +295,16 @@ def _threshold(model: GaussianAD | PiadeAD, choice: str | None) -> float:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from flows.retrain import serve  # Prefect is imported only by the commands that use it
+    _require("prefect", "pipeline", "serve")  # Prefect and MLflow only for the commands that use them
+    _require("mlflow", "tracking", "serve")
+    from flows.retrain import serve
 
     serve(args.cron, str(args.data), str(args.params), str(args.out), str(args.cache_dir) if args.cache_dir else None)
 
 
 def _log(args: argparse.Namespace) -> None:
-    from gaussad.tracking import log_run_folder, tracking_uri  # MLflow only for the command that uses it
+    _require("mlflow", "tracking", "log")
+    from gaussad.tracking import log_run_folder, tracking_uri
 
     logged = log_run_folder(args.run_dir, args.experiment, register=args.register)
     print(f"logged {args.run_dir} to {tracking_uri()}, experiment {args.experiment!r}, run {logged.run_id}")
@@ -269,12 +314,25 @@ def _log(args: argparse.Namespace) -> None:
 
 
 def _promote(args: argparse.Namespace) -> None:
-    from gaussad.registry import promote  # MLflow only for the commands that use it
+    _require("mlflow", "tracking", "promote")
+    from gaussad.registry import promote
     from gaussad.tracking import tracking_uri
 
-    decision = promote(args.name, args.metric, str(args.data) if args.data else None, args.force, tracking_uri())
-    outcome = "promoted to champion" if decision.promoted else "not promoted"
-    print(f"{decision.name} version {decision.challenger}: {outcome}: {decision.reason}")
+    for name in args.names:
+        decision = promote(name, args.metric, str(args.data) if args.data else None, args.force, tracking_uri())
+        outcome = "promoted to champion" if decision.promoted else "not promoted"
+        print(f"{decision.name} version {decision.challenger}: {outcome}: {decision.reason}")
+
+
+def _require(module: str, extra: str, command: str) -> None:
+    """A one-line error, naming the extra to install, when `command` needs a package that is not here."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        raise ValueError(f"`gaussad {command}` needs {module}, which is not installed: "
+                         f"pip install 'gaussad[{extra}]' (or gaussad[all])") from None
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -286,9 +344,9 @@ def _demo(args: argparse.Namespace) -> None:
     for number, name in enumerate(names, 1):
         print(f"[{number}/{len(names)}] {name}", flush=True)
         category = load_category(args.data, name)
-        model = _model_from_arguments(args)
+        model, fit_options = _model_from_arguments(args)
         start = time.perf_counter()
-        _train(model, category.train, args)
+        model.fit(category.train, **fit_options)
         fit_seconds = time.perf_counter() - start
         metrics = evaluate(model, category, args.out / name / "evaluation")
         model.save(args.out / name / "model")  # with the thresholds evaluate calibrated
@@ -297,18 +355,9 @@ def _demo(args: argparse.Namespace) -> None:
     table.to_csv(args.out / "results.csv", index=False)
     means = table.drop(columns="category").apply(pd.to_numeric, errors="coerce").mean().round(1)
     table = pd.concat([table, pd.DataFrame([{"category": "mean", **means.to_dict()}])], ignore_index=True)
-    print(f"\n{_describe(model)}")
+    print(f"\n{model.describe()}")
     print(_format_table(table))
     print(f"\nmodels, metrics.json, scores.csv, ROC curves and heat-map overlays under {args.out}/<category>/")
-
-
-def _describe(model: GaussianAD | PiadeAD) -> str:
-    c = model.config
-    if isinstance(model, PiadeAD):
-        return (f"PIADE: {c['backbone']} trunk ({c['weights']}), perceptual {c['perceptual']}, {c['image_size']} px, "
-                f"{model.fit_info['epochs_trained']} epochs, λ1 {c['lambda_perceptual']}, λ2 {c['lambda_ssim']}")
-    return (f"{c['backbone']} ({c['weights']}), levels {c['levels']}, {c['image_size']} px, "
-            f"{c['reduction']} {c['variance']}, {c['spatial']}")
 
 
 def _summary_row(metrics: dict) -> dict:

@@ -36,3 +36,7 @@ class CheckpointError(GaussadError, RuntimeError):
 
 class TrackingError(GaussadError, ConnectionError):
     """The tracking server cannot be used; the message says where the results are and how to log them."""
+
+
+class NotFittedError(GaussadError, RuntimeError):
+    """A detector used (score, save) before it was fitted or loaded."""

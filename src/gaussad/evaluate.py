@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 import torch
@@ -20,17 +18,17 @@ from sklearn.metrics import roc_curve
 
 from gaussad.data import Category, read_mask, read_rgb
 from gaussad.metrics import aupro, best_balanced_accuracy, f1_optimal_threshold, image_auroc, pixel_auroc
-from gaussad.model import GaussianAD, Scores
-from gaussad.output_folders import claim_output_folder
-
-if TYPE_CHECKING:
-    from gaussad.piade import PiadeAD
+from gaussad.detector import Detector, Scores
 from gaussad.features import to_tensor
+from gaussad.output_folders import claim_output_folder
 from gaussad.plots import save_overlay, save_reconstruction, save_roc_curve, save_score_histogram
+
+# What test_metrics gives, for comparing models (promotion) and summing up runs
+TEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy")
 
 
 def evaluate(
-    model: GaussianAD | PiadeAD,
+    model: Detector,
     category: Category,
     out_dir: str | Path,
     n_overlays: int = 8,
@@ -106,7 +104,7 @@ def _scores_table(category: Category, scores: Scores, threshold: float) -> pd.Da
     )
 
 
-def _plots(model: GaussianAD | PiadeAD, category: Category, scores: Scores, out_dir: Path, n_overlays: int) -> None:
+def _plots(model: Detector, category: Category, scores: Scores, out_dir: Path, n_overlays: int) -> None:
     labels = np.asarray(category.test.labels)
     title = f"{category.name}: {model.config['backbone']}"
     if 0 < labels.sum() < len(labels):
@@ -118,7 +116,7 @@ def _plots(model: GaussianAD | PiadeAD, category: Category, scores: Scores, out_
                          thresholds)
     vmin, vmax = model.display_range()
     sample = overlay_sample(category.test.defect_types, n_overlays)
-    if hasattr(model, "reconstruct"):
+    if model.RECONSTRUCTS:
         _reconstructions(model, category, scores, sample, out_dir / "reconstructions", (vmin, vmax))
     for index in sample:
         path = category.test.paths[index]
@@ -136,7 +134,7 @@ def _plots(model: GaussianAD | PiadeAD, category: Category, scores: Scores, out_
         )
 
 
-def _reconstructions(model, category: Category, scores: Scores, sample: list[int], out_dir: Path,
+def _reconstructions(model: Detector, category: Category, scores: Scores, sample: list[int], out_dir: Path,
                      colour_range: tuple[float, float]) -> None:
     """Input, reconstruction and difference map of the sampled test images, at the model's size."""
     size = model.config["image_size"]

@@ -15,7 +15,7 @@ import json
 import os
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -62,12 +62,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+def architecture(model: torch.nn.Module) -> str | None:
+    """The family of a timm CNN, as its module names tell: "efficientnet" (EfficientNet- and
+    MobileNet-style `conv_stem` + `blocks`), "resnet" (`layer1`... after a `maxpool`), "vgg"
+    (a `features` Sequential), or None."""
+    if hasattr(model, "conv_stem") and hasattr(model, "blocks"):
+        return "efficientnet"
+    if hasattr(model, "layer1") and hasattr(model, "maxpool"):
+        return "resnet"
+    if isinstance(getattr(model, "features", None), torch.nn.Sequential):
+        return "vgg"
+    return None
+
+
 def level_modules(model: torch.nn.Module) -> list[str]:
     """Names of the modules whose outputs are levels 0, 1, 2, ... (see the module docstring)."""
-    if hasattr(model, "conv_stem") and hasattr(model, "blocks"):
+    family = architecture(model)
+    if family == "efficientnet":
         head = ["bn2"] if hasattr(model, "bn2") else []  # MobileNetV3's head runs after pooling
         return ["bn1"] + [f"blocks.{i}" for i in range(len(model.blocks))] + head
-    if hasattr(model, "layer1") and hasattr(model, "maxpool"):
+    if family == "resnet":
         return ["maxpool"] + [f"layer{i}" for i in range(1, 5) if hasattr(model, f"layer{i}")]
     info = getattr(model, "feature_info", None)
     if not info:
@@ -102,10 +116,18 @@ def build_model(name: str, weights: str, seed: int = 0) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _create_without_weights(name: str, seed: int) -> torch.nn.Module:
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's random state seeded with `seed` inside the block and restored after it, so that
+    building a network draws the same weights each time and leaves the caller's state alone."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)  # `none` weights are random but reproducible, so a saved model reloads
+        torch.manual_seed(seed)
+        yield
+
+
+def _create_without_weights(name: str, seed: int) -> torch.nn.Module:
+    with seeded(seed):  # `none` weights are random but reproducible, so a saved model reloads
         return timm.create_model(name, pretrained=False)
 
 
@@ -160,6 +182,14 @@ def normalization(model: torch.nn.Module, weights: str) -> tuple[tuple, tuple]:
         return TF_NORMALIZATION
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def add_normalization(module: torch.nn.Module, model: torch.nn.Module, weights: str) -> None:
+    """Register `mean` and `std` buffers [1, 3, 1, 1] on `module`: the normalisation `model`'s
+    `weights` expect, saved with the module's state so a saved network keeps it."""
+    mean, std = normalization(model, weights)
+    module.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+    module.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
 
 class Backbone:
@@ -222,16 +252,18 @@ class Backbone:
         probe = torch.zeros(1, 3, 64, 64)
         return {level: feats.shape[1] for level, feats in self.extract(probe).items()}
 
-    def batches(self, paths: Sequence[Path], batch_size: int) -> Iterator[torch.Tensor]:
-        """Preprocessed N×3×S×S batches in [0, 1]; worker processes decode when on a GPU."""
-        workers = 0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
-        loader = DataLoader(
-            _ImageFiles(list(paths), self.image_size),
-            batch_size=batch_size,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        yield from loader
+
+def image_batches(paths: Sequence[Path], image_size: int, batch_size: int,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """Preprocessed N×3×S×S batches in [0, 1] of image files; worker processes decode for a GPU."""
+    workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    loader = DataLoader(
+        _ImageFiles(list(paths), image_size),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    yield from loader
 
 
 class _ImageFiles(Dataset):
@@ -284,7 +316,7 @@ class FeatureStore:
         directory.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         files: dict[int, BinaryIO] = {}
-        batches = backbone.batches(paths, batch_size)
+        batches = image_batches(paths, backbone.image_size, batch_size, backbone.device)
         total = -(-len(paths) // batch_size)
         try:
             for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=not progress):

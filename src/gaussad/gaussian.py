@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from gaussad.validation import check_choice, check_number
+
 REDUCTIONS = ("npca", "pca", "none")
 
 
@@ -108,10 +110,9 @@ def fit_gaussian(
     device: torch.device | str = "cpu",
 ) -> Gaussian:
     """Fit G Gaussians from `batches()`, a re-iterable source of [n, G, D] tensors (read twice)."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}: use one of {', '.join(REDUCTIONS)}")
-    if reduction != "none" and not 0 < variance <= 1:
-        raise ValueError(f"variance fraction must be in (0, 1], got {variance}")
+    check_choice("reduction", reduction, REDUCTIONS)
+    if reduction != "none":
+        check_number("variance fraction", variance, float, 0, 1, open_low=True)
 
     moments = MomentAccumulator()
     for batch in batches():

@@ -36,7 +36,7 @@ from PIL import Image
 
 from gaussad.data import MAX_IMAGE_PIXELS, open_image, read_rgb, to_rgb8, unit_to_uint8
 from gaussad.features import to_tensor
-from gaussad.model import load_model
+from gaussad.detectors import load_model
 
 IMAGE_COLUMN = "image"
 IMAGE_ROOTS_VARIABLE = "GAUSSAD_IMAGE_ROOTS"

@@ -33,12 +33,12 @@ from PIL import Image
 
 from gaussad import __version__
 from gaussad.data import load_category
-from gaussad.evaluate import test_metrics
+from gaussad.evaluate import TEST_METRICS, test_metrics
 
 # MLflow draws a progress bar per model download or upload: noise in flow logs. Users' settings win.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 CHAMPION, CHALLENGER = "champion", "challenger"
-PROMOTION_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy")
+PROMOTION_METRICS = TEST_METRICS
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 WEIGHT_KEYS = ("backbone", "weights", "perceptual", "perceptual_weights")
 SIGNATURE = ModelSignature(
@@ -108,10 +108,10 @@ def _input_example(image_size: int) -> pd.DataFrame:
 
 
 def _requirements() -> list[str]:
-    """gaussad and its run-time dependencies, as installed here (MLflow would otherwise import the
-    model in a subprocess to guess them)."""
+    """gaussad with its tracking extra (a served model runs MLflow) and its core dependencies, as
+    installed here (MLflow would otherwise import the model in a subprocess to guess them)."""
     requirements = importlib.metadata.requires("gaussad") or []
-    return [f"gaussad=={__version__}", *(r for r in requirements if "extra ==" not in r)]
+    return [f"gaussad[tracking]=={__version__}", *(r for r in requirements if "extra ==" not in r)]
 
 
 # ---- promotion ---------------------------------------------------------------------------------

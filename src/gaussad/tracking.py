@@ -21,14 +21,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gaussad.errors import TrackingError
-from gaussad.piade import CONFIG_KEYS as PIADE_PARAMS
+from gaussad.evaluate import TEST_METRICS
+from gaussad.detectors import DEFAULT_MODEL_TYPE, detector_class
 from gaussad.registry import register_model
 
 DEFAULT_EXPERIMENT = "gaussad"
 EXPERIMENT_KIND = "mlflow.experimentKind"
-MODEL_PARAMS = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
-                "normal_quantile", "seed")
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy", "score_seconds", "images_per_second")
+METRICS = (*TEST_METRICS, "score_seconds", "images_per_second")
 # A PIADE run logs its epochs as curves, step = epoch: train_loss, train_mse, train_perceptual,
 # train_ssim, epoch_seconds, and holdout_loss with early stopping.
 CURVE_NAMES = {"holdout_loss": "holdout_loss", "seconds": "epoch_seconds"}
@@ -58,9 +57,9 @@ def log_run_folder(run_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, ur
     _check_reachable(uri, run_dir)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(experiment, uri)
-    dataset = Path(record["data"]["root"]).name
-    model_type = record["params"].get("model_type", "gaussian")
-    block = "piade" if model_type == "piade" else "model"  # the params.yaml block that model type reads
+    dataset = record["data"].get("name") or Path(record["data"]["root"]).name  # no name: run folders before 0.2
+    model_type = record["params"].get("model_type", DEFAULT_MODEL_TYPE)
+    block = detector_class(model_type).PARAMS_BLOCK  # the params.yaml block that model type reads
     shared = {
         "git_commit": record.get("git_commit"),
         "dvc_data_md5": record["data"].get("dvc_md5"),
@@ -112,7 +111,7 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, 
     config = json.loads((folder / "model" / "config.json").read_text())
     with mlflow.start_run(experiment_id=experiment_id, run_name=folder.name, nested=True) as run:
         mlflow.set_tags({"dataset": dataset, "category": folder.name, "model_type": config["model_type"]})
-        keys = PIADE_PARAMS if config["model_type"] == "piade" else MODEL_PARAMS
+        keys = detector_class(config["model_type"]).CONFIG_KEYS
         mlflow.log_params(_strings({**shared, **{k: config[k] for k in keys},
                                     "n_train_images": config.get("n_train_images")}))
         values = {k: metrics[k] for k in METRICS if metrics.get(k) is not None}

