@@ -20,7 +20,6 @@ cache is computed again. What the flow writes to its output folder: flows/report
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -44,7 +43,7 @@ from gaussad.detector import Detector
 from gaussad.detectors import ModelSpec, detector_class, load_model, model_spec
 from gaussad.errors import DatasetError, GaussadError
 from gaussad.evaluate import evaluate
-from gaussad.features import Backbone, FeatureStore
+from gaussad.features import FeatureStore
 from gaussad.gaussian_detector import GaussianAD
 from gaussad.output_folders import claim_output_folder
 from gaussad.piade import PiadeAD
@@ -55,10 +54,8 @@ FIT_TIMINGS = {"extract_seconds": "extract_train_seconds", "fit_seconds": "fit_s
 
 
 def backbone_settings(settings: dict) -> dict:
-    """The GaussianAD settings its features depend on (the rest are its Gaussians'): those it hands
-    to its Backbone, whose `name` is the setting `backbone`."""
-    taken = {"backbone", *inspect.signature(Backbone).parameters}
-    return {key: settings[key] for key in GaussianAD.CONFIG_KEYS if key in taken and key in settings}
+    """The GaussianAD settings its features depend on (the rest are its Gaussians')."""
+    return {key: settings[key] for key in GaussianAD.FEATURE_KEYS if key in settings}
 
 
 # ---- tasks -------------------------------------------------------------------------------------

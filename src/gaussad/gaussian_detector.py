@@ -47,6 +47,7 @@ class GaussianAD(Detector):
         "lite0": {"backbone": "tf_efficientnet_lite0", "weights": "package:efficientnet-lite0",
                   "levels": (3, 4, 5, 6, 7), "image_size": 224},
     }
+    FEATURE_KEYS = ("backbone", "weights", "levels", "image_size", "seed")  # what its features depend on
     PARAMS_BLOCK = "model"
     TENSORS_FILE = "stats.safetensors"
 
