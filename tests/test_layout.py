@@ -25,6 +25,7 @@ LAYERS = [
     "gaussad.metrics",
     "gaussad.plots",
     "gaussad.features",  # pretrained CNN features
+    "gaussad.feature_maps",  # local averaging, smoothing
     "gaussad.gaussian",  # the statistics: streaming moments, NPCA, Ledoit-Wolf, Mahalanobis
     "gaussad.detector",  # the interface
     "gaussad.gaussian_detector",

@@ -131,6 +131,10 @@ MODEL_TYPE_FLAGS = {
         ("--reduction", dict(choices=("npca", "pca", "none"), help="default npca")),
         ("--variance", dict(type=float, help="variance fraction kept (default 0.05)")),
         ("--spatial", dict(choices=("shared", "per-location"), help="default shared")),
+        ("--image-score", dict(choices=("pooled", "map-max", "combined"),
+                               help="pooled features (the paper), the map's maximum, or both standardised")),
+        ("--pixel-levels", dict(type=int, nargs="+", help="levels of the anomaly map (default: --levels)")),
+        ("--smoothing", dict(type=float, help="σ in pixels of the map's Gaussian smoothing (0: none)")),
     ],
     "piade": [
         ("--epochs", dict(type=int)),

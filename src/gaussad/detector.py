@@ -55,6 +55,7 @@ class Detector:
     PARAMS_BLOCK: ClassVar[str]
     TENSORS_FILE: ClassVar[str]
     RECONSTRUCTS: ClassVar[bool] = False  # whether it has reconstruct(images) for pictures
+    ADDED_KEYS: ClassVar[dict] = {}  # settings added since format 2, with the value older folders meant
 
     config: dict  # the CONFIG_KEYS settings
     thresholds: dict[str, float]
@@ -164,6 +165,7 @@ class Detector:
         directory = Path(directory)
         config_path = directory / "config.json"
         saved, tensors = read_model_folder(directory, cls.MODEL_TYPE, FORMAT_VERSION, cls.TENSORS_FILE)
+        saved = {**cls.ADDED_KEYS, **saved}  # settings newer than the folder: their old meaning
         missing = [key for key in cls.CONFIG_KEYS if key not in saved]
         if missing:
             raise ModelFileError(f"{config_path} lacks the key(s) {', '.join(missing)}")

@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 from gaussad.data import ImageSet
 from gaussad.detector import Detector, Scores, image_paths, split_holdout
 from gaussad.errors import ModelFileError
+from gaussad.feature_maps import smooth
 from gaussad.features import Backbone, FeatureStore
 from gaussad.gaussian import REDUCTIONS, Gaussian, fit_gaussian
 from gaussad.validation import check_choice, check_number
 
 SPATIAL_MODES = ("shared", "per-location")
+IMAGE_SCORES = ("pooled", "map-max", "combined")
 PAPER_BACKBONE = "tf_efficientnet_b4.aa_in1k"  # ImageNet weights; timm's untagged default is JFT NoisyStudent
 GAUSSIAN_FIELDS = ("mean", "projection", "precision", "shrinkage")
 
@@ -39,7 +41,9 @@ class GaussianAD(Detector):
     MODEL_TYPE = "gaussian"
     NAME = "Gaussian"
     CONFIG_KEYS = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
-                   "normal_quantile", "seed")
+                   "normal_quantile", "seed", "image_score", "pixel_levels", "smoothing")
+    # Settings added since format 2 came out: a folder saved before lacks them, and meant these.
+    ADDED_KEYS = {"image_score": "pooled", "pixel_levels": None, "smoothing": 0.0}
     PRESETS = {
         # The paper's configuration; its weights come from the timm hub (or its local cache).
         "paper": {"backbone": PAPER_BACKBONE, "weights": "timm", "levels": (3, 4, 5, 6, 7), "image_size": 380},
@@ -47,7 +51,7 @@ class GaussianAD(Detector):
         "lite0": {"backbone": "tf_efficientnet_lite0", "weights": "package:efficientnet-lite0",
                   "levels": (3, 4, 5, 6, 7), "image_size": 224},
     }
-    FEATURE_KEYS = ("backbone", "weights", "levels", "image_size", "seed")  # what its features depend on
+    FEATURE_KEYS = ("backbone", "weights", "levels", "pixel_levels", "image_size", "seed")  # what its features depend on
     PARAMS_BLOCK = "model"
     TENSORS_FILE = "stats.safetensors"
 
@@ -62,10 +66,17 @@ class GaussianAD(Detector):
         spatial: str = "shared",
         normal_quantile: float = 0.99,
         seed: int = 0,
+        image_score: str = "pooled",
+        pixel_levels: Sequence[int] | None = None,
+        smoothing: float = 0.0,
         batch_size: int = 16,
         device: str | torch.device | None = None,
         progress: bool = True,
     ):
+        """image_score: `pooled` (the paper: Σ over `levels` of the distances of average-pooled
+        features), `map-max` (the maximum of the anomaly map) or `combined` (both, each standardised
+        by the held-out normal images' scores, summed); pixel_levels: the levels of the anomaly map
+        (None: `levels`); smoothing: σ in pixels of the Gaussian smoothing of the map (0: none)."""
         self._set_runtime(device, batch_size, progress)
         self.config = {
             "backbone": backbone,
@@ -78,15 +89,22 @@ class GaussianAD(Detector):
             "spatial": check_choice("spatial mode", spatial, SPATIAL_MODES),
             "normal_quantile": check_number("normal_quantile", normal_quantile, float, 0, 1, open_low=True),
             "seed": check_number("seed", seed, int),
+            "image_score": check_choice("image_score", image_score, IMAGE_SCORES),
+            "pixel_levels": sorted(int(level) for level in (levels if pixel_levels is None else pixel_levels)),
+            "smoothing": check_number("smoothing", smoothing, float, 0),
         }
-        self.backbone = Backbone(backbone, weights, self.config["levels"], image_size, device=self.device, seed=seed)
-        self.image_gaussians: dict[int, Gaussian] = {}
-        self.pixel_gaussians: dict[int, Gaussian] = {}
+        extracted = sorted(set(self.config["levels"]) | set(self.config["pixel_levels"]))
+        self.backbone = Backbone(backbone, weights, extracted, image_size, device=self.device, seed=seed)
+        self.image_gaussians: dict[int, Gaussian] = {}  # on `levels`, unless the image score is map-max
+        self.pixel_gaussians: dict[int, Gaussian] = {}  # on `pixel_levels`
+        # mean and standard deviation of the held-out (pooled, map-max) scores, for `combined`
+        self.score_scale = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
 
     def describe(self) -> str:
         c = self.config
         return (f"{c['backbone']} ({c['weights']}), levels {c['levels']}, {c['image_size']} px, "
-                f"{c['reduction']} {c['variance']}, {c['spatial']}")
+                f"{c['reduction']} {c['variance']}, {c['spatial']}; image score {c['image_score']}, "
+                f"map from levels {c['pixel_levels']}, smoothing σ {c['smoothing']}")
 
     # ---- fitting -------------------------------------------------------------------------------
 
@@ -103,7 +121,10 @@ class GaussianAD(Detector):
         started = time.perf_counter()
         fit_rows, holdout_rows = split_holdout(len(store), holdout, self.config["seed"])
         self.fit_features(store, fit_rows)
-        self.set_normal_thresholds(self.score_store(store, holdout_rows or fit_rows))
+        normal_rows = holdout_rows or fit_rows
+        if self.config["image_score"] == "combined":
+            self.score_scale = self._score_scale(store, normal_rows)
+        self.set_normal_thresholds(self.score_store(store, normal_rows))
         self.fit_info.update(
             fit_seconds=round(time.perf_counter() - started, 3),
             extract_seconds=store.seconds,
@@ -117,14 +138,26 @@ class GaussianAD(Detector):
         """Fit the per-level Gaussians from extracted training features (all rows, or `rows`)."""
         device = self.backbone.device
         reduction, variance = self.config["reduction"], self.config["variance"]
-        for level in tqdm(self.config["levels"], desc="fitting levels", disable=not self.progress):
+        image_levels = self.config["levels"] if self.config["image_score"] != "map-max" else []
+        jobs = [("image", level) for level in image_levels] + [("pixel", level) for level in self.config["pixel_levels"]]
+        for kind, level in tqdm(jobs, desc="fitting levels", disable=not self.progress):
             chunks = lambda level=level: store.chunks(level, rows)  # noqa: E731
-            pooled = lambda: (c.mean((2, 3))[:, None, :] for c in chunks())  # noqa: E731
-            spatial = lambda: (self._positions(c) for c in chunks())  # noqa: E731
-            self.image_gaussians[level] = fit_gaussian(pooled, reduction, variance, device)
-            self.pixel_gaussians[level] = fit_gaussian(spatial, reduction, variance, device)
-        self.fit_info["channels"] = {str(level): int(g.mean.shape[1]) for level, g in self.image_gaussians.items()}
+            if kind == "image":
+                pooled = lambda: (c.mean((2, 3))[:, None, :] for c in chunks())  # noqa: E731
+                self.image_gaussians[level] = fit_gaussian(pooled, reduction, variance, device)
+            else:
+                spatial = lambda: (self._positions(c) for c in chunks())  # noqa: E731
+                self.pixel_gaussians[level] = fit_gaussian(spatial, reduction, variance, device)
+        self.fit_info["channels"] = {str(level): int(g.mean.shape[1]) for level, g in self.pixel_gaussians.items()}
         return self
+
+    def _score_scale(self, store: FeatureStore, rows: Sequence[int]) -> torch.Tensor:
+        """[[mean, std] of the pooled scores, [mean, std] of the map maxima] of normal images."""
+        parts = [self._score_parts(feats) for feats in store.batches(rows, self.batch_size)]
+        pooled = torch.cat([p[0] for p in parts]).double()
+        maxima = torch.cat([p[1].flatten(1).amax(1) for p in parts]).double()
+        scale = [[float(x.mean()), float(x.std()) if len(x) > 1 else 1.0] for x in (pooled, maxima)]
+        return torch.tensor([[mean, std if std > 0 else 1.0] for mean, std in scale], dtype=torch.float64)
 
     def _positions(self, feats_nchw: torch.Tensor) -> torch.Tensor:
         """Feature vectors per position as [n, G, C]: G = h·w groups, or one shared group."""
@@ -146,23 +179,37 @@ class GaussianAD(Detector):
     @torch.no_grad()
     def score_features(self, feats: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """Scores from {level: [n, C, h, w]} features: ([n] image scores, [n, S, S] maps)."""
-        size = self.config["image_size"]
-        device = self.backbone.device
-        image_score = None
+        pooled, pixel_map = self._score_parts(feats)
+        peak = pixel_map.flatten(1).amax(1).double()
+        if self.config["image_score"] == "pooled":
+            image_score = pooled
+        elif self.config["image_score"] == "map-max":
+            image_score = peak
+        else:  # combined: each part in units of the normal images' spread
+            scale = self.score_scale.to(peak.device)
+            image_score = (pooled - scale[0, 0]) / scale[0, 1] + (peak - scale[1, 0]) / scale[1, 1]
+        return image_score.cpu().numpy(), pixel_map.cpu().numpy()
+
+    def _score_parts(self, feats: dict[int, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """([n] Σ over levels of the pooled features' distances, or None for map-max; [n, S, S] the
+        anomaly map: the pixel levels' distance maps upsampled, averaged and smoothed)."""
+        size, device = self.config["image_size"], self.backbone.device
+        pooled = None
+        for level, gaussian in self.image_gaussians.items():
+            distance = gaussian.mahalanobis(feats[level].to(device).mean((2, 3))[:, None, :])[:, 0]
+            pooled = distance if pooled is None else pooled + distance
         level_maps = []
-        for level in self.config["levels"]:
+        for level, gaussian in self.pixel_gaussians.items():
             feats_nchw = feats[level].to(device)
             n, _, h, w = feats_nchw.shape
-            distance = self.image_gaussians[level].mahalanobis(feats_nchw.mean((2, 3))[:, None, :])[:, 0]
-            image_score = distance if image_score is None else image_score + distance
-            distances = self.pixel_gaussians[level].mahalanobis(self._positions(feats_nchw)).reshape(n, 1, h, w)
+            distances = gaussian.mahalanobis(self._positions(feats_nchw)).reshape(n, 1, h, w)
             level_maps.append(F.interpolate(distances.float(), size=(size, size), mode="bilinear", align_corners=False))
-        pixel_map = torch.stack(level_maps).mean(0)[:, 0]
-        return image_score.cpu().numpy(), pixel_map.cpu().numpy()
+        pixel_map = smooth(torch.stack(level_maps).mean(0)[:, 0], self.config["smoothing"])
+        return pooled, pixel_map
 
     @property
     def is_fitted(self) -> bool:
-        return bool(self.image_gaussians)
+        return bool(self.pixel_gaussians)
 
     # ---- save / load ---------------------------------------------------------------------------
 
@@ -172,16 +219,24 @@ class GaussianAD(Detector):
             for level, gaussian in gaussians.items():
                 for field in GAUSSIAN_FIELDS:
                     tensors[f"{kind}.{level}.{field}"] = getattr(gaussian, field).contiguous().cpu()
+        if self.config["image_score"] == "combined":
+            tensors["score_scale"] = self.score_scale.contiguous().cpu()
         return tensors
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
-        for kind, target in (("image", self.image_gaussians), ("pixel", self.pixel_gaussians)):
-            for level in self.config["levels"]:
+        image_levels = self.config["levels"] if self.config["image_score"] != "map-max" else []
+        for kind, target, levels in (("image", self.image_gaussians, image_levels),
+                                     ("pixel", self.pixel_gaussians, self.config["pixel_levels"])):
+            for level in levels:
                 try:
                     fields = [tensors[f"{kind}.{level}.{field}"] for field in GAUSSIAN_FIELDS]
                 except KeyError as missing:
                     raise ModelFileError(f"{path} lacks tensor {missing}") from None
                 target[level] = Gaussian(*fields).to(self.device)
+        if self.config["image_score"] == "combined":
+            if "score_scale" not in tensors:
+                raise ModelFileError(f"{path} lacks tensor 'score_scale'")
+            self.score_scale = tensors["score_scale"].double()
         self._check_shapes(path.parent)
 
     def _check_shapes(self, directory: Path) -> None:
@@ -190,8 +245,10 @@ class GaussianAD(Detector):
         for level, feats_nchw in probe.items():
             _, channels, h, w = feats_nchw.shape
             groups = h * w if self.config["spatial"] == "per-location" else 1
-            for kind, gaussian, want_groups in (("image", self.image_gaussians[level], 1),
-                                                ("pixel", self.pixel_gaussians[level], groups)):
+            for kind, gaussian, want_groups in (("image", self.image_gaussians.get(level), 1),
+                                                ("pixel", self.pixel_gaussians.get(level), groups)):
+                if gaussian is None:  # a level of the other kind only
+                    continue
                 g, d = gaussian.mean.shape
                 k = gaussian.precision.shape[1]
                 fits = (g, d) == (want_groups, channels) and tuple(gaussian.projection.shape) == (g, d, k)

@@ -1,0 +1,116 @@
+"""GaussianAD's scoring options, each against an independent reference: the map's Gaussian
+smoothing (scipy.ndimage.gaussian_filter), the map-max and combined image scores (NumPy on the
+parts), pixel levels chosen apart from image levels; and saved models score the same when loaded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from gaussad.data import load_category
+from gaussad.detector import split_holdout
+from gaussad.feature_maps import smooth
+from gaussad.features import LITE0_PACKAGE
+from gaussad.gaussian_detector import GaussianAD
+from gaussad.model_folder import model_digest
+
+SIZE = 64
+
+
+def make_model(**settings) -> GaussianAD:
+    base = dict(backbone="tf_efficientnet_lite0", weights=LITE0_PACKAGE, levels=(3, 4), image_size=SIZE,
+                device="cpu", progress=False, batch_size=8)
+    return GaussianAD(**{**base, **settings})
+
+
+@pytest.fixture(scope="module")
+def category(demo_root):
+    return load_category(demo_root, "weave")
+
+
+@pytest.fixture(scope="module")
+def models(category):
+    """The same fit, scored five ways."""
+    options = {"raw": {}, "smoothed": {"smoothing": 4}, "map-max": {"image_score": "map-max", "smoothing": 4},
+               "combined": {"image_score": "combined", "smoothing": 4}, "fine-pixels": {"pixel_levels": (2,)}}
+    return {name: make_model(**settings).fit(category.train) for name, settings in options.items()}
+
+
+@pytest.fixture(scope="module")
+def scores(models, category):
+    return {name: model.score(category.test) for name, model in models.items()}
+
+
+@pytest.mark.parametrize("sigma, size", [(4, 64), (1.5, 20), (4, 9), (2.5, 3)])
+def test_smoothing_is_scipys_gaussian_filter(sigma, size):
+    maps = np.random.default_rng(size).random((3, size, size))
+    reference = np.stack([gaussian_filter(m, sigma, mode="mirror", truncate=4.0) for m in maps])
+    np.testing.assert_allclose(smooth(torch.from_numpy(maps), sigma).numpy(), reference, atol=1e-12)
+    np.testing.assert_array_equal(smooth(torch.from_numpy(maps), 0).numpy(), maps)  # σ 0: off
+
+
+def test_smoothed_maps_are_the_raw_maps_filtered(scores):
+    raw, smoothed = scores["raw"].maps, scores["smoothed"].maps
+    reference = np.stack([gaussian_filter(m.astype(np.float64), 4, mode="mirror", truncate=4.0) for m in raw])
+    np.testing.assert_allclose(smoothed, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(scores["smoothed"].image, scores["raw"].image)  # pooled: the map plays no part
+
+
+def test_map_max_is_the_maximum_of_the_smoothed_map(scores):
+    expected = scores["smoothed"].maps.reshape(len(scores["smoothed"].maps), -1).max(1)
+    np.testing.assert_allclose(scores["map-max"].image, expected, rtol=1e-6)
+    np.testing.assert_array_equal(scores["map-max"].maps, scores["smoothed"].maps)
+
+
+def test_combined_standardises_both_parts_by_the_held_out_normal_images(models, category, scores):
+    """Reference: the held-out rows scored by the pooled and the map-max models of the same fit;
+    mean and sample standard deviation in NumPy."""
+    _, held = split_holdout(len(category.train), 0.1, seed=0)
+    held_paths = [category.train.paths[i] for i in held]
+    pooled, peak = models["smoothed"].score(held_paths).image, models["map-max"].score(held_paths).image
+    expected = ((scores["smoothed"].image - pooled.mean()) / pooled.std(ddof=1)
+                + (scores["map-max"].image - peak.mean()) / peak.std(ddof=1))
+    np.testing.assert_allclose(scores["combined"].image, expected, rtol=1e-5, atol=1e-6)
+    normal = models["combined"].score(held_paths).image
+    assert abs(normal.mean()) < 1e-6  # by construction: the held-out images centre each part
+
+
+def test_pixel_levels_apart_from_image_levels(scores, category):
+    """The map from level 2 only, the image score from levels 3 and 4 as before."""
+    np.testing.assert_array_equal(scores["fine-pixels"].image, scores["raw"].image)
+    level_2 = make_model(levels=(2,)).fit(category.train).score(category.test)
+    np.testing.assert_array_equal(scores["fine-pixels"].maps, level_2.maps)
+
+
+@pytest.mark.parametrize("name", ["smoothed", "map-max", "combined", "fine-pixels"])
+def test_saved_and_loaded_models_score_the_same(models, scores, category, name, tmp_path):
+    loaded = GaussianAD.load(models[name].save(tmp_path / name), device="cpu", progress=False)
+    assert loaded.config == models[name].config
+    again = loaded.score(category.test)
+    np.testing.assert_array_equal(again.image, scores[name].image)
+    np.testing.assert_array_equal(again.maps, scores[name].maps)
+
+
+def test_folders_saved_before_the_options_keep_their_meaning(models, scores, category, tmp_path):
+    """A folder whose config lacks image_score, pixel_levels and smoothing (saved by an older
+    gaussad) loads as the paper's scoring: pooled, the map from `levels`, no smoothing."""
+    folder = models["raw"].save(tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("image_score", "pixel_levels", "smoothing", "digest"):
+        config.pop(key)
+    (folder / "config.json").write_text(json.dumps({**config, "digest": model_digest(config, folder / "stats.safetensors")}))
+    loaded = GaussianAD.load(folder, device="cpu", progress=False)
+    assert (loaded.config["image_score"], loaded.config["pixel_levels"], loaded.config["smoothing"]) == \
+        ("pooled", [3, 4], 0.0)
+    np.testing.assert_array_equal(loaded.score(category.test).maps, scores["raw"].maps)
+
+
+def test_bad_options_name_the_value():
+    with pytest.raises(ValueError, match="unknown image_score 'mean': use one of pooled, map-max, combined"):
+        make_model(image_score="mean")
+    with pytest.raises(ValueError, match="smoothing must be at least 0, got -1"):
+        make_model(smoothing=-1)
