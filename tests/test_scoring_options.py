@@ -13,7 +13,7 @@ from scipy.ndimage import gaussian_filter
 
 from gaussad.data import load_category
 from gaussad.detector import split_holdout
-from gaussad.feature_maps import smooth
+from gaussad.feature_maps import local_average, smooth
 from gaussad.features import LITE0_PACKAGE
 from gaussad.gaussian_detector import GaussianAD
 from gaussad.model_folder import model_digest
@@ -114,3 +114,76 @@ def test_bad_options_name_the_value():
         make_model(image_score="mean")
     with pytest.raises(ValueError, match="smoothing must be at least 0, got -1"):
         make_model(smoothing=-1)
+
+
+# ---- stacked per-location Gaussians, local averaging, ridge covariance ---------------------------------
+
+def test_local_average_is_the_mean_over_each_neighbourhood():
+    feats = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    x = feats.numpy()
+    reference = np.empty_like(x)
+    for i in range(5):
+        for j in range(6):  # the 3×3 window, cut at the borders
+            reference[:, :, i, j] = x[:, :, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].mean((2, 3))
+    np.testing.assert_allclose(local_average(feats, 3).numpy(), reference, atol=1e-12)
+    assert local_average(feats, 1) is feats
+
+
+def test_stacked_ridge_model_is_padims_gaussian_per_location(category):
+    """Reference in NumPy on the model's own features: levels 2 and 3, each 3×3 averaged (as
+    PatchCore does), level 3 nearest-upsampled to level 2's grid, concatenated; at each position the mean and the biased covariance + εI of
+    the training images, then the Mahalanobis distance of each test position."""
+    settings = dict(levels=(3,), pixel_levels=(2, 3), spatial="stacked", local_average=3, reduction="none",
+                    covariance="ridge", ridge=0.01)
+    model = make_model(**settings).fit(category.train, holdout=0)
+    train = np.stack([_stacked_numpy(model, p) for p in category.train.paths])  # [N, D, h, w]
+    test_path = category.test.paths[-1]
+    test = _stacked_numpy(model, test_path)
+    n, d, h, w = train.shape
+    expected = np.empty((h, w))
+    for i in range(h):
+        for j in range(w):
+            x = train[:, :, i, j]
+            mean = x.mean(0)
+            cov = (x - mean).T @ (x - mean) / n + 0.01 * np.eye(d)
+            diff = test[:, i, j] - mean
+            expected[i, j] = np.sqrt(diff @ np.linalg.solve(cov, diff))
+    upsampled = torch.nn.functional.interpolate(torch.from_numpy(expected)[None, None].float(), size=(SIZE, SIZE),
+                                                mode="bilinear", align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(model.score([test_path]).maps[0], upsampled, rtol=2e-3, atol=2e-3)
+    assert model.pixel_gaussians["stacked"].mean.shape == (h * w, d)
+
+
+def _stacked_numpy(model: GaussianAD, path) -> np.ndarray:
+    """Level 2 and level 3 features of one image, each 3×3 averaged (borders: the positions that
+    exist), level 3 repeated to level 2's grid, concatenated; by hand."""
+    from gaussad.data import read_rgb
+    from gaussad.features import to_tensor
+
+    feats = model.backbone.extract(to_tensor(read_rgb(path), SIZE)[None])
+    fine, coarse = (_average_3x3(feats[level][0].double().numpy()) for level in (2, 3))
+    rows = np.arange(fine.shape[1]) * coarse.shape[1] // fine.shape[1]  # nearest: floor(i · scale)
+    cols = np.arange(fine.shape[2]) * coarse.shape[2] // fine.shape[2]
+    return np.concatenate([fine, coarse[:, rows][:, :, cols]])
+
+
+def _average_3x3(x: np.ndarray) -> np.ndarray:
+    averaged = np.empty_like(x)
+    for i in range(x.shape[1]):
+        for j in range(x.shape[2]):
+            averaged[:, i, j] = x[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].mean((1, 2))
+    return averaged
+
+
+@pytest.mark.parametrize("spatial", ["stacked", "per-location"])
+def test_stacked_and_ridge_models_save_and_load(category, spatial, tmp_path):
+    model = make_model(pixel_levels=(2, 3), spatial=spatial, local_average=3, covariance="ridge").fit(category.train)
+    loaded = GaussianAD.load(model.save(tmp_path / "m"), device="cpu", progress=False)
+    before, after = model.score(category.test.paths[:4]), loaded.score(category.test.paths[:4])
+    np.testing.assert_array_equal(before.image, after.image)
+    np.testing.assert_array_equal(before.maps, after.maps)
+
+
+def test_even_local_average_is_refused():
+    with pytest.raises(ValueError, match="local_average must be odd"):
+        make_model(local_average=2)

@@ -130,7 +130,12 @@ MODEL_TYPE_FLAGS = {
         ("--levels", dict(type=int, nargs="+", help="feature levels (paper: 3 4 5 6 7)")),
         ("--reduction", dict(choices=("npca", "pca", "none"), help="default npca")),
         ("--variance", dict(type=float, help="variance fraction kept (default 0.05)")),
-        ("--spatial", dict(choices=("shared", "per-location"), help="default shared")),
+        ("--spatial", dict(choices=("shared", "per-location", "stacked"),
+                           help="one Gaussian per level shared by all positions (default), one per position, "
+                                "or the pixel levels stacked at the finest one, one per position")),
+        ("--local-average", dict(type=int, help="average pixel features over k×k first (odd k; default 1: off)")),
+        ("--covariance", dict(choices=("ledoit-wolf", "ridge"), help="default ledoit-wolf")),
+        ("--ridge", dict(type=float, help="ε of --covariance ridge (Σ + εI; default 0.01)")),
         ("--image-score", dict(choices=("pooled", "map-max", "combined"),
                                help="pooled features (the paper), the map's maximum, or both standardised")),
         ("--pixel-levels", dict(type=int, nargs="+", help="levels of the anomaly map (default: --levels)")),

@@ -1,6 +1,7 @@
 """Operations on feature maps and anomaly maps that the Gaussian detector composes.
 
     local_average(feats, k)   each position's features averaged over its k×k neighbourhood
+    stack_levels(maps)        feature maps of several levels at the finest one's size, concatenated
     smooth(maps, sigma)       Gaussian smoothing of anomaly maps (σ in pixels), as
                               scipy.ndimage.gaussian_filter(mode="mirror", truncate=4) computes it
 """
@@ -19,6 +20,13 @@ def local_average(feats_nchw: torch.Tensor, size: int) -> torch.Tensor:
     if size <= 1:
         return feats_nchw
     return F.avg_pool2d(feats_nchw, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
+def stack_levels(feats_nchw: list[torch.Tensor]) -> torch.Tensor:
+    """[n, ΣC, H, W]: the maps resized (nearest, as PaDiM) to the largest one's H×W and concatenated."""
+    size = max((f.shape[-2:] for f in feats_nchw), key=lambda hw: hw[0] * hw[1])
+    return torch.cat([f if f.shape[-2:] == size else F.interpolate(f, size=tuple(size), mode="nearest")
+                      for f in feats_nchw], 1)
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from gaussad.validation import check_choice, check_number
 
 REDUCTIONS = ("npca", "pca", "none")
+COVARIANCES = ("ledoit-wolf", "ridge")
 
 
 @dataclass
@@ -108,9 +109,14 @@ def fit_gaussian(
     reduction: str = "npca",
     variance: float = 0.05,
     device: torch.device | str = "cpu",
+    covariance: str = "ledoit-wolf",
+    ridge: float = 0.01,
 ) -> Gaussian:
-    """Fit G Gaussians from `batches()`, a re-iterable source of [n, G, D] tensors (read twice)."""
+    """Fit G Gaussians from `batches()`, a re-iterable source of [n, G, D] tensors (read twice for
+    Ledoit-Wolf, once for ridge). `covariance`: the kept eigenvalues λ shrunk by Ledoit-Wolf, or
+    λ + `ridge` (PaDiM's Σ + εI, in the kept axes)."""
     check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("covariance", covariance, COVARIANCES)
     if reduction != "none":
         check_number("variance fraction", variance, float, 0, 1, open_low=True)
 
@@ -132,6 +138,12 @@ def fit_gaussian(
         axes = slice(0, count) if reduction == "npca" else slice(dim - count, dim)
         projection[g, :, :count] = eigenvectors[g, :, axes]
         kept_values[g, :count] = eigenvalues[g, axes]
+
+    if covariance == "ridge":
+        check_number("ridge", ridge, float, 0, open_low=True)
+        kept = torch.arange(width, device=mean.device) < torch.tensor(counts, device=mean.device)[:, None]
+        precision = torch.where(kept, 1 / (kept_values + ridge), torch.zeros_like(kept_values))  # padding: 0
+        return Gaussian(mean, projection, precision, torch.zeros(groups, dtype=torch.float64, device=mean.device))
 
     fourth_moment = torch.zeros(groups, dtype=torch.float64, device=mean.device)
     for batch in batches():

@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 from gaussad.data import ImageSet
 from gaussad.detector import Detector, Scores, image_paths, split_holdout
 from gaussad.errors import ModelFileError
-from gaussad.feature_maps import smooth
+from gaussad.feature_maps import local_average, smooth, stack_levels
 from gaussad.features import Backbone, FeatureStore
-from gaussad.gaussian import REDUCTIONS, Gaussian, fit_gaussian
+from gaussad.gaussian import COVARIANCES, REDUCTIONS, Gaussian, fit_gaussian
 from gaussad.validation import check_choice, check_number
 
-SPATIAL_MODES = ("shared", "per-location")
+SPATIAL_MODES = ("shared", "per-location", "stacked")
+STACKED = "stacked"  # the key of the one pixel Gaussian of the stacked mode
 IMAGE_SCORES = ("pooled", "map-max", "combined")
 PAPER_BACKBONE = "tf_efficientnet_b4.aa_in1k"  # ImageNet weights; timm's untagged default is JFT NoisyStudent
 GAUSSIAN_FIELDS = ("mean", "projection", "precision", "shrinkage")
@@ -41,9 +42,11 @@ class GaussianAD(Detector):
     MODEL_TYPE = "gaussian"
     NAME = "Gaussian"
     CONFIG_KEYS = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
-                   "normal_quantile", "seed", "image_score", "pixel_levels", "smoothing")
+                   "normal_quantile", "seed", "image_score", "pixel_levels", "smoothing", "local_average",
+                   "covariance", "ridge")
     # Settings added since format 2 came out: a folder saved before lacks them, and meant these.
-    ADDED_KEYS = {"image_score": "pooled", "pixel_levels": None, "smoothing": 0.0}
+    ADDED_KEYS = {"image_score": "pooled", "pixel_levels": None, "smoothing": 0.0, "local_average": 1,
+                  "covariance": "ledoit-wolf", "ridge": 0.01}
     PRESETS = {
         # The paper's configuration; its weights come from the timm hub (or its local cache).
         "paper": {"backbone": PAPER_BACKBONE, "weights": "timm", "levels": (3, 4, 5, 6, 7), "image_size": 380},
@@ -69,6 +72,9 @@ class GaussianAD(Detector):
         image_score: str = "pooled",
         pixel_levels: Sequence[int] | None = None,
         smoothing: float = 0.0,
+        local_average: int = 1,
+        covariance: str = "ledoit-wolf",
+        ridge: float = 0.01,
         batch_size: int = 16,
         device: str | torch.device | None = None,
         progress: bool = True,
@@ -76,7 +82,12 @@ class GaussianAD(Detector):
         """image_score: `pooled` (the paper: Σ over `levels` of the distances of average-pooled
         features), `map-max` (the maximum of the anomaly map) or `combined` (both, each standardised
         by the held-out normal images' scores, summed); pixel_levels: the levels of the anomaly map
-        (None: `levels`); smoothing: σ in pixels of the Gaussian smoothing of the map (0: none)."""
+        (None: `levels`); smoothing: σ in pixels of the Gaussian smoothing of the map (0: none).
+        spatial: one Gaussian per pixel level `shared` by all positions, or one per position
+        (`per-location`, as PaDiM), or `stacked`: the pixel levels resized to the finest one and
+        concatenated, one Gaussian per position; local_average: each position's pixel features
+        averaged over its k×k neighbourhood first (odd k; 1: off); covariance: `ledoit-wolf` shrinkage
+        or `ridge` (+ ridge·I, as PaDiM), in the axes the reduction keeps."""
         self._set_runtime(device, batch_size, progress)
         self.config = {
             "backbone": backbone,
@@ -92,7 +103,12 @@ class GaussianAD(Detector):
             "image_score": check_choice("image_score", image_score, IMAGE_SCORES),
             "pixel_levels": sorted(int(level) for level in (levels if pixel_levels is None else pixel_levels)),
             "smoothing": check_number("smoothing", smoothing, float, 0),
+            "local_average": check_number("local_average", local_average, int, 1),
+            "covariance": check_choice("covariance", covariance, COVARIANCES),
+            "ridge": check_number("ridge", ridge, float, 0, open_low=True),
         }
+        if self.config["local_average"] % 2 == 0:
+            raise ValueError(f"local_average must be odd (a centred k×k window), got {local_average}")
         extracted = sorted(set(self.config["levels"]) | set(self.config["pixel_levels"]))
         self.backbone = Backbone(backbone, weights, extracted, image_size, device=self.device, seed=seed)
         self.image_gaussians: dict[int, Gaussian] = {}  # on `levels`, unless the image score is map-max
@@ -136,20 +152,31 @@ class GaussianAD(Detector):
 
     def fit_features(self, store: FeatureStore, rows: Sequence[int] | None = None) -> "GaussianAD":
         """Fit the per-level Gaussians from extracted training features (all rows, or `rows`)."""
-        device = self.backbone.device
-        reduction, variance = self.config["reduction"], self.config["variance"]
-        image_levels = self.config["levels"] if self.config["image_score"] != "map-max" else []
-        jobs = [("image", level) for level in image_levels] + [("pixel", level) for level in self.config["pixel_levels"]]
-        for kind, level in tqdm(jobs, desc="fitting levels", disable=not self.progress):
-            chunks = lambda level=level: store.chunks(level, rows)  # noqa: E731
+        c = self.config
+        fit = lambda batches: fit_gaussian(batches, c["reduction"], c["variance"], self.device,  # noqa: E731
+                                           c["covariance"], c["ridge"])
+        image_levels = c["levels"] if c["image_score"] != "map-max" else []
+        pixel_keys = [STACKED] if c["spatial"] == STACKED else c["pixel_levels"]
+        jobs = [("image", level) for level in image_levels] + [("pixel", key) for key in pixel_keys]
+        for kind, key in tqdm(jobs, desc="fitting levels", disable=not self.progress):
+            chunks = lambda level=key: store.chunks(level, rows)  # noqa: E731
             if kind == "image":
-                pooled = lambda: (c.mean((2, 3))[:, None, :] for c in chunks())  # noqa: E731
-                self.image_gaussians[level] = fit_gaussian(pooled, reduction, variance, device)
+                self.image_gaussians[key] = fit(lambda: (c.mean((2, 3))[:, None, :] for c in chunks()))
+            elif key == STACKED:  # all pixel levels of the same images at once
+                self.pixel_gaussians[key] = fit(lambda: (
+                    self._positions(self._pixel_inputs(feats)[STACKED]) for feats in store.batches(rows, self.batch_size)))
             else:
-                spatial = lambda: (self._positions(c) for c in chunks())  # noqa: E731
-                self.pixel_gaussians[level] = fit_gaussian(spatial, reduction, variance, device)
-        self.fit_info["channels"] = {str(level): int(g.mean.shape[1]) for level, g in self.pixel_gaussians.items()}
+                self.pixel_gaussians[key] = fit(lambda: (
+                    self._positions(local_average(c, self.config["local_average"])) for c in chunks()))
+        self.fit_info["channels"] = {str(key): int(g.mean.shape[1]) for key, g in self.pixel_gaussians.items()}
         return self
+
+    def _pixel_inputs(self, feats: dict[int, torch.Tensor]) -> dict[int | str, torch.Tensor]:
+        """The [n, C, h, w] features of each pixel Gaussian: per pixel level, locally averaged, or
+        (stacked) the levels at the finest one's size, concatenated."""
+        averaged = {level: local_average(feats[level].to(self.device), self.config["local_average"])
+                    for level in self.config["pixel_levels"]}
+        return {STACKED: stack_levels(list(averaged.values()))} if self.config["spatial"] == STACKED else averaged
 
     def _score_scale(self, store: FeatureStore, rows: Sequence[int]) -> torch.Tensor:
         """[[mean, std] of the pooled scores, [mean, std] of the map maxima] of normal images."""
@@ -163,7 +190,7 @@ class GaussianAD(Detector):
         """Feature vectors per position as [n, G, C]: G = h·w groups, or one shared group."""
         n, c, h, w = feats_nchw.shape
         vectors = feats_nchw.permute(0, 2, 3, 1).reshape(n, h * w, c)
-        return vectors if self.config["spatial"] == "per-location" else vectors.reshape(n * h * w, 1, c)
+        return vectors if self.config["spatial"] != "shared" else vectors.reshape(n * h * w, 1, c)
 
     # ---- scoring -------------------------------------------------------------------------------
 
@@ -193,14 +220,15 @@ class GaussianAD(Detector):
     def _score_parts(self, feats: dict[int, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """([n] Σ over levels of the pooled features' distances, or None for map-max; [n, S, S] the
         anomaly map: the pixel levels' distance maps upsampled, averaged and smoothed)."""
-        size, device = self.config["image_size"], self.backbone.device
+        size, device = self.config["image_size"], self.device
         pooled = None
         for level, gaussian in self.image_gaussians.items():
             distance = gaussian.mahalanobis(feats[level].to(device).mean((2, 3))[:, None, :])[:, 0]
             pooled = distance if pooled is None else pooled + distance
         level_maps = []
-        for level, gaussian in self.pixel_gaussians.items():
-            feats_nchw = feats[level].to(device)
+        inputs = self._pixel_inputs(feats)
+        for key, gaussian in self.pixel_gaussians.items():
+            feats_nchw = inputs[key]
             n, _, h, w = feats_nchw.shape
             distances = gaussian.mahalanobis(self._positions(feats_nchw)).reshape(n, 1, h, w)
             level_maps.append(F.interpolate(distances.float(), size=(size, size), mode="bilinear", align_corners=False))
@@ -225,8 +253,9 @@ class GaussianAD(Detector):
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
         image_levels = self.config["levels"] if self.config["image_score"] != "map-max" else []
+        pixel_keys = [STACKED] if self.config["spatial"] == STACKED else self.config["pixel_levels"]
         for kind, target, levels in (("image", self.image_gaussians, image_levels),
-                                     ("pixel", self.pixel_gaussians, self.config["pixel_levels"])):
+                                     ("pixel", self.pixel_gaussians, pixel_keys)):
             for level in levels:
                 try:
                     fields = [tensors[f"{kind}.{level}.{field}"] for field in GAUSSIAN_FIELDS]
@@ -240,21 +269,21 @@ class GaussianAD(Detector):
         self._check_shapes(path.parent)
 
     def _check_shapes(self, directory: Path) -> None:
+        """Each Gaussian against the features the backbone gives at this image size."""
         size = self.config["image_size"]
         probe = self.backbone.extract(torch.zeros(1, 3, size, size))
-        for level, feats_nchw in probe.items():
+        expected = [("image", level, self.image_gaussians.get(level), feats) for level, feats in probe.items()]
+        expected += [("pixel", key, self.pixel_gaussians.get(key), feats) for key, feats in self._pixel_inputs(probe).items()]
+        for kind, level, gaussian, feats_nchw in expected:
+            if gaussian is None:  # a level of the other kind only
+                continue
             _, channels, h, w = feats_nchw.shape
-            groups = h * w if self.config["spatial"] == "per-location" else 1
-            for kind, gaussian, want_groups in (("image", self.image_gaussians.get(level), 1),
-                                                ("pixel", self.pixel_gaussians.get(level), groups)):
-                if gaussian is None:  # a level of the other kind only
-                    continue
-                g, d = gaussian.mean.shape
-                k = gaussian.precision.shape[1]
-                fits = (g, d) == (want_groups, channels) and tuple(gaussian.projection.shape) == (g, d, k)
-                if not fits:
-                    raise ModelFileError(
-                        f"{directory}: {kind} statistics of level {level} have mean {tuple(gaussian.mean.shape)}, "
-                        f"projection {tuple(gaussian.projection.shape)}, but {self.config['backbone']} at "
-                        f"{size} px gives {want_groups} group(s) of {channels} channels"
-                    )
+            want_groups = h * w if kind == "pixel" and self.config["spatial"] != "shared" else 1
+            g, d = gaussian.mean.shape
+            k = gaussian.precision.shape[1]
+            if (g, d) != (want_groups, channels) or tuple(gaussian.projection.shape) != (g, d, k):
+                raise ModelFileError(
+                    f"{directory}: {kind} statistics of level {level} have mean {tuple(gaussian.mean.shape)}, "
+                    f"projection {tuple(gaussian.projection.shape)}, but {self.config['backbone']} at "
+                    f"{size} px gives {want_groups} group(s) of {channels} channels"
+                )
