@@ -1,0 +1,79 @@
+"""Tune GaussianAD's scoring options on one category: features extracted once, then each
+configuration fitted and scored from them (so a configuration costs its fit, not an extraction).
+
+    python benchmarks/tune_gaussian.py DATA CATEGORY [--image-size 224] [--out benchmarks/results/tune.json]
+
+DATA is a folder in MVTec AD layout (benchmarks/elpv_data.py lays out ELPV so). Tune on ELPV
+polycrystalline only: the monocrystalline cells are kept as a check. Prints image AUROC (and pixel
+AUROC where masks exist), fit and score seconds per configuration, and the model's size in MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from gaussad.data import load_category
+from gaussad.evaluate import test_metrics
+from gaussad.features import LITE0_PACKAGE, FeatureStore
+from gaussad.gaussian_detector import GaussianAD
+
+BASE = dict(backbone="tf_efficientnet_lite0", weights=LITE0_PACKAGE, levels=(3, 4, 5, 6, 7))
+CONFIGS = {
+    "paper-lite0": {},
+    "map-max": dict(image_score="map-max", smoothing=4),
+    "combined": dict(image_score="combined", smoothing=4),
+    "per-location 2,3,5 map-max": dict(pixel_levels=(2, 3, 5), spatial="per-location", image_score="map-max",
+                                       smoothing=4),
+    "stacked 2,3,5 avg3 map-max": dict(pixel_levels=(2, 3, 5), spatial="stacked", local_average=3,
+                                       image_score="map-max", smoothing=4),
+    "stacked 2,3,5 avg3 ridge none map-max": dict(pixel_levels=(2, 3, 5), spatial="stacked", local_average=3,
+                                                  covariance="ridge", reduction="none", image_score="map-max",
+                                                  smoothing=4),
+    "stacked 2,3,5 avg3 combined": dict(pixel_levels=(2, 3, 5), spatial="stacked", local_average=3,
+                                        image_score="combined", smoothing=4),
+    "stacked 3,4,5 avg3 map-max": dict(pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
+                                       image_score="map-max", smoothing=4),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data")
+    parser.add_argument("category")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    category = load_category(args.data, args.category)
+    all_levels = sorted({2, 3, 4, 5, 6, 7})
+    extractor = GaussianAD(**{**BASE, "pixel_levels": all_levels}, image_size=args.image_size, progress=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gaussad-tune-") as tmp:
+        train = FeatureStore.write(extractor.backbone, category.train.paths, Path(tmp) / "train", 16, True, "train")
+        test = FeatureStore.write(extractor.backbone, category.test.paths, Path(tmp) / "test", 16, True, "test")
+        for name in args.configs:
+            model = GaussianAD(**{**BASE, **CONFIGS[name]}, image_size=args.image_size, progress=False)
+            model.backbone = extractor.backbone  # the features are in the stores; no second network
+            started = time.perf_counter()
+            model.fit_store(train)
+            fitted = time.perf_counter()
+            scores = model.score_store(test)
+            scored = time.perf_counter()
+            metrics = test_metrics(category, scores, args.image_size)
+            size_mb = sum(t.numel() * t.element_size() for t in model._tensors().values()) / 2**20
+            row = {"config": name, "image_auroc": round(metrics["image_auroc"], 4),
+                   "pixel_auroc": metrics["pixel_auroc"] and round(metrics["pixel_auroc"], 4),
+                   "fit_s": round(fitted - started, 1), "score_s": round(scored - fitted, 1),
+                   "model_mb": round(size_mb, 1), "settings": CONFIGS[name]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"data": args.data, "category": args.category, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
