@@ -77,31 +77,37 @@ def kept_count(eigenvalues_ascending: torch.Tensor, reduction: str, variance: fl
     npca: the least-variance axes that together hold at least `variance` of the total;
     pca: the largest-variance axes that together hold more than `variance`; none: all.
     """
-    dim = eigenvalues_ascending.numel()
+    return int(kept_counts(eigenvalues_ascending[None], reduction, variance)[0])
+
+
+def kept_counts(eigenvalues_ascending: torch.Tensor, reduction: str, variance: float) -> torch.Tensor:
+    """kept_count of each group's eigenvalues [G, D] (ascending): [G]."""
+    groups, dim = eigenvalues_ascending.shape
     if reduction == "none":
-        return dim
-    ordered = eigenvalues_ascending if reduction == "npca" else eigenvalues_ascending.flip(0)
-    ratio = ordered.cumsum(0) / ordered.sum()
-    threshold = torch.tensor([variance], dtype=ratio.dtype, device=ratio.device)
+        return torch.full((groups,), dim, dtype=torch.long, device=eigenvalues_ascending.device)
+    ordered = eigenvalues_ascending if reduction == "npca" else eigenvalues_ascending.flip(1)
+    ratio = ordered.cumsum(1) / ordered.sum(1, keepdim=True)
+    threshold = torch.full((groups, 1), variance, dtype=ratio.dtype, device=ratio.device)
     # npca: the first count whose ratio reaches v; pca: the first past v (scikit-learn's rule)
-    return min(int(torch.searchsorted(ratio, threshold, right=reduction == "pca")) + 1, dim)
+    return (torch.searchsorted(ratio, threshold, right=reduction == "pca")[:, 0] + 1).clamp(max=dim)
 
 
-def ledoit_wolf_shrinkage(eigenvalues: torch.Tensor, fourth_moment: torch.Tensor, n: int) -> torch.Tensor:
-    """Ledoit-Wolf intensity from the covariance eigenvalues λ and Σ‖z‖⁴ (scikit-learn's formula).
+def ledoit_wolf_shrinkage(kept_values: torch.Tensor, counts: torch.Tensor, fourth_moment: torch.Tensor,
+                          n: int) -> torch.Tensor:
+    """Ledoit-Wolf intensity per group from the kept eigenvalues λ [G, k] (zero past each group's
+    count) and Σ‖z‖⁴ [G] (scikit-learn's formula): [G].
 
     With S the sample covariance of the p kept coordinates: μ = tr(S)/p, ‖S‖²_F = Σλ²,
-    β = (Σ‖z‖⁴/n − ‖S‖²_F) / (p·n), δ = (‖S‖²_F − p·μ²) / p, shrinkage = min(β, δ) / δ.
+    β = (Σ‖z‖⁴/n − ‖S‖²_F) / (p·n), δ = (‖S‖²_F − p·μ²) / p, shrinkage = min(β, δ) / δ (0 for p = 1).
     """
-    p = eigenvalues.numel()
-    if p == 1:
-        return torch.zeros((), dtype=torch.float64)
-    mu = eigenvalues.sum() / p
-    frobenius_sq = eigenvalues.square().sum()
+    p = counts.to(torch.float64)
+    mu = kept_values.sum(1) / p
+    frobenius_sq = kept_values.square().sum(1)
     beta = (fourth_moment / n - frobenius_sq) / (p * n)
     delta = (frobenius_sq - p * mu**2) / p
     beta = torch.minimum(beta, delta)
-    return torch.where(beta == 0, torch.zeros_like(beta), beta / delta)
+    shrinkage = torch.where(beta == 0, torch.zeros_like(beta), beta / delta)
+    return torch.where(p == 1, torch.zeros_like(shrinkage), shrinkage)
 
 
 def fit_gaussian(
@@ -130,19 +136,19 @@ def fit_gaussian(
     eigenvalues = eigenvalues.clamp(min=0)  # round-off makes rank-deficient spectra slightly negative
 
     groups, dim = mean.shape
-    counts = [kept_count(eigenvalues[g], reduction, variance) for g in range(groups)]
-    width = max(counts)
-    projection = torch.zeros(groups, dim, width, dtype=torch.float64, device=mean.device)
-    kept_values = torch.zeros(groups, width, dtype=torch.float64, device=mean.device)
-    for g, count in enumerate(counts):
-        axes = slice(0, count) if reduction == "npca" else slice(dim - count, dim)
-        projection[g, :, :count] = eigenvectors[g, :, axes]
-        kept_values[g, :count] = eigenvalues[g, axes]
+    counts = kept_counts(eigenvalues, reduction, variance)  # [G]
+    width = int(counts.max())
+    position = torch.arange(width, device=mean.device)
+    kept = position < counts[:, None]  # [G, width]; the padding past a group's count is zero
+    # npca keeps the first `count` (smallest) axes; pca and none the last `count`, in ascending order
+    axes = position.expand(groups, width) if reduction == "npca" else (dim - counts[:, None] + position)
+    axes = axes.clamp(0, dim - 1)
+    projection = torch.gather(eigenvectors, 2, axes[:, None, :].expand(groups, dim, width)) * kept[:, None, :]
+    kept_values = torch.gather(eigenvalues, 1, axes) * kept
 
     if covariance == "ridge":
         check_number("ridge", ridge, float, 0, open_low=True)
-        kept = torch.arange(width, device=mean.device) < torch.tensor(counts, device=mean.device)[:, None]
-        precision = torch.where(kept, 1 / (kept_values + ridge), torch.zeros_like(kept_values))  # padding: 0
+        precision = torch.where(kept, 1 / (kept_values + ridge), torch.zeros_like(kept_values))
         return Gaussian(mean, projection, precision, torch.zeros(groups, dtype=torch.float64, device=mean.device))
 
     fourth_moment = torch.zeros(groups, dtype=torch.float64, device=mean.device)
@@ -150,13 +156,9 @@ def fit_gaussian(
         z = torch.einsum("ngd,gdk->ngk", batch.to(mean.device, torch.float64) - mean, projection)
         fourth_moment += z.square().sum(-1).square().sum(0)
 
-    precision = torch.zeros_like(kept_values)
-    shrinkage = torch.zeros(groups, dtype=torch.float64)
-    for g, count in enumerate(counts):
-        values = kept_values[g, :count]
-        shrinkage[g] = ledoit_wolf_shrinkage(values, fourth_moment[g], moments.n)
-        shrunk = (1 - shrinkage[g]) * values + shrinkage[g] * values.mean()
-        if not bool((shrunk > 0).all()):
-            raise ValueError("the training features have zero variance: are all training images identical?")
-        precision[g, :count] = 1 / shrunk
-    return Gaussian(mean, projection, precision, shrinkage.to(mean.device))
+    shrinkage = ledoit_wolf_shrinkage(kept_values, counts, fourth_moment, moments.n)
+    shrunk = (1 - shrinkage)[:, None] * kept_values + (shrinkage * kept_values.sum(1) / counts)[:, None]
+    if not bool((shrunk[kept] > 0).all()):
+        raise ValueError("the training features have zero variance: are all training images identical?")
+    precision = torch.where(kept, 1 / shrunk, torch.zeros_like(shrunk))
+    return Gaussian(mean, projection, precision, shrinkage)
