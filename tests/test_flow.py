@@ -113,6 +113,7 @@ def test_corrupt_image_fails_one_category_and_resume_after_fix(project):
     assert work(project) == {"weave": dict.fromkeys(STEPS, "cached"), "hexnut": dict.fromkeys(STEPS, "completed")}
 
 
+@pytest.mark.slow  # 40 s: a local Dask cluster starting two worker processes
 def test_dask_task_runner_on_a_local_cluster_gives_the_same_results(project, tmp_path):
     from flows.runtime import dask_runner
 
