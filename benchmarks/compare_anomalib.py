@@ -53,6 +53,8 @@ LITE0 = "tf_efficientnet_lite0"
 PADIM_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]  # gaussad levels 2, 3, 5: 24 + 40 + 112 = 176 channels
 PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]  # strides 8 and 16, as PatchCore's layer2/layer3 of a ResNet
 MB = 2**20
+NORMALIZATIONS = {"tf": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # what the Lite0 package weights were trained with
+                  "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # anomalib's default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +172,8 @@ def run_anomalib_tool(model_name: str, args: argparse.Namespace, work: Path, env
            "--padim-layers", *args.padim_layers, "--padim-n-features", str(args.padim_n_features),
            "--patchcore-layers", *args.patchcore_layers, "--coreset-ratio", str(args.coreset_ratio),
            "--num-neighbors", str(args.num_neighbors), "--anomalib-batch-size", str(args.anomalib_batch_size),
-           "--anomalib-workers", str(args.anomalib_workers), "--seed", str(args.seed)]
+           "--anomalib-workers", str(args.anomalib_workers), "--seed", str(args.seed),
+           "--anomalib-normalization", args.anomalib_normalization]
     if args.save_maps:
         cmd.append("--save-maps")
     run = run_measured(cmd, work / f"anomalib-{model_name}.log", env)
@@ -270,9 +273,10 @@ def anomalib_main(args: argparse.Namespace) -> int:
     root = Path(args.data) / args.category
     seed_everything(args.seed, workers=True)
     size = args.image_size
+    mean, std = NORMALIZATIONS[args.anomalib_normalization]
     pre_processor = PreProcessor(transform=Compose([
         Resize((size, size), antialias=True),
-        Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),  # TF normalisation of the Lite0 weights
+        Normalize(mean=list(mean), std=list(std)),
     ]))
     common = dict(backbone=LITE0, pre_trained=False, pre_processor=pre_processor, post_processor=False,
                   evaluator=False, visualizer=False)
@@ -286,7 +290,7 @@ def anomalib_main(args: argparse.Namespace) -> int:
         settings = {"layers": list(args.patchcore_layers), "coreset_sampling_ratio": args.coreset_ratio,
                     "num_neighbors": args.num_neighbors}
     extractor = model.model.feature_extractor.feature_extractor
-    settings.update(backbone=LITE0, image_size=size, normalization="(x-0.5)/0.5",
+    settings.update(backbone=LITE0, image_size=size, normalization={"name": args.anomalib_normalization, "mean": mean, "std": std},
                     weights=load_lite0_weights_into(extractor, torch, timm),
                     batch_size=args.anomalib_batch_size, num_workers=args.anomalib_workers,
                     torch_threads=torch.get_num_threads())
@@ -378,11 +382,13 @@ def markdown(report: dict) -> str:
 
 def _anomalib_what(r: dict) -> str:
     s = r.get("settings") or {}
+    norm = (s.get("normalization") or {}).get("name", "tf")
+    extra = "" if norm == "tf" else f", {norm} normalisation"
     if r["config"] == "padim":
-        return f"layers {' '.join(s.get('layers', []))}, n_features {s.get('n_features')}"
+        return f"layers {' '.join(s.get('layers', []))}, n_features {s.get('n_features')}{extra}"
     if r["config"] == "patchcore":
         return (f"layers {' '.join(s.get('layers', []))}, coreset {s.get('coreset_sampling_ratio')}, "
-                f"k {s.get('num_neighbors')}")
+                f"k {s.get('num_neighbors')}{extra}")
     return ""
 
 
@@ -440,7 +446,9 @@ def compare_main(args: argparse.Namespace, argv: list[str]) -> int:
                    f"torch {torch.__version__} (gaussad venv), OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": shlex.join([".venv/bin/python", "benchmarks/compare_anomalib.py", *argv]),
-        "notes": NOTES, "json": str(output.with_suffix(".json")), "results": [],
+        "notes": NOTES if args.anomalib_normalization == "tf" else NOTES + (
+            f" EXCEPT: anomalib ran with {args.anomalib_normalization} normalisation here, not the weights' TF "
+            "normalisation (a sensitivity check)."), "json": str(output.with_suffix(".json")), "results": [],
         "gaussad_source": _git_state(),
     }
 
@@ -490,6 +498,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--anomalib", nargs="+", choices=["padim", "patchcore", "none"], default=["padim", "patchcore"])
     parser.add_argument("--anomalib-python", type=Path, default=DEFAULT_ANOMALIB_PYTHON)
     parser.add_argument("--image-size", type=int, default=224, help="anomalib's input size (gaussad's is its preset's)")
+    parser.add_argument("--anomalib-normalization", choices=sorted(NORMALIZATIONS), default="tf",
+                        help="anomalib's input normalisation: tf (x-0.5)/0.5, right for these weights, or "
+                             "imagenet (anomalib's default; for a sensitivity check only)")
     parser.add_argument("--padim-layers", nargs="+", default=PADIM_LAYERS)
     parser.add_argument("--padim-n-features", type=int, default=176, help="176 = all channels of blocks.1/2/4")
     parser.add_argument("--patchcore-layers", nargs="+", default=PATCHCORE_LAYERS)
