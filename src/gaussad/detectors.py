@@ -63,8 +63,8 @@ def model_spec(params: dict, source: str = "params.yaml", preset: str | None = N
     if unknown:
         raise ValueError(f"{source}: {detector.PARAMS_BLOCK}.{unknown[0]} is not a setting of {detector.__name__} "
                          f"(it takes {', '.join(detector.CONFIG_KEYS + TRAINING_KEYS)})")
-    preset = preset or block.pop("preset", None)
-    block.pop("preset", None)
+    block_preset = block.pop("preset", None)
+    preset = preset or block_preset
     settings = dict(detector.PRESETS[check_choice(f"{detector.NAME} preset", preset, detector.PRESETS)]) \
         if preset is not None else {}
     training = {key: block.pop(key) for key in ("holdout", "batch_size") if key in block}
