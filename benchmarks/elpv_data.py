@@ -13,6 +13,12 @@ type of module it came from (mono- or polycrystalline). Per type:
 No ground_truth/ folder: ELPV has image labels only, so pixel metrics are unavailable. The images
 are written as given (8-bit gray PNG, file names as in the package: cellNNNN.png).
 
+`--drawn-cracks` also writes OUT/<type>-cracks, real cells with drawn cracks and pixel masks (for
+pixel AUROC and AUPRO on real backgrounds): the same train/good; the test/good cells split in two
+(seeded), one half kept as test/good, the other with one crack each, drawn by gaussad's demo
+`crack` (a jagged dark line 1-2 px wide, sometimes branched, 25-70 % darker), under test/crack with
+masks under ground_truth/crack/<name>_mask.png.
+
 The package is a benchmark-only dependency (`pip install elpv-dataset`, or gaussad's `compare`
 extra); its images are licensed CC BY-NC-SA 4.0, so the laid-out data is not committed anywhere.
 """
@@ -78,6 +84,33 @@ def write_category(out: Path, cell_type: str, splits: dict[str, list[int]], name
             Image.fromarray(image, mode="L").save(target / names[i])
 
 
+def write_drawn_cracks(out: Path, cell_type: str, splits: dict[str, list[int]], names: list[str],
+                       images: np.ndarray, seed: int) -> dict[str, int]:
+    """OUT/<type>-cracks (see the module docstring); returns the counts per split."""
+    from PIL import Image
+
+    from gaussad.demo.defects import crack
+    from gaussad.demo.scenes import texture
+
+    rng = np.random.default_rng(seed + 1)
+    good = list(splits["test/good"])
+    rng.shuffle(good)
+    half = len(good) // 2
+    cracks_splits = {"train/good": splits["train/good"], "test/good": sorted(good[:half])}
+    write_category(out, f"{cell_type}-cracks", cracks_splits, names, images)
+    cracked, masks = out / f"{cell_type}-cracks" / "test" / "crack", out / f"{cell_type}-cracks" / "ground_truth" / "crack"
+    cracked.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    for i in sorted(good[half:]):
+        clean = texture(images[i][..., None].astype(np.float64) / 255.0)
+        drawn = crack(clean, rng)
+        mask = ~np.isclose(drawn.fg, clean.fg)[..., 0]
+        pixels = np.clip(np.rint(drawn.render()[..., 0] * 255), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(cracked / names[i])
+        Image.fromarray((mask * 255).astype(np.uint8), mode="L").save(masks / f"{Path(names[i]).stem}_mask.png")
+    return {"train/good": len(splits["train/good"]), "test/good": half, "test/crack": len(good) - half}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,11 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES))
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/test split of the good cells")
     parser.add_argument("--train-fraction", type=float, default=TRAIN_FRACTION)
+    parser.add_argument("--drawn-cracks", action="store_true",
+                        help="also write OUT/<type>-cracks: real cells with drawn cracks and pixel masks")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT/<type> if it exists (only a folder this script wrote)")
     args = parser.parse_args(argv)
 
-    for cell_type in args.types:
+    written = [*args.types, *(f"{t}-cracks" for t in args.types if args.drawn_cracks)]
+    for cell_type in written:
         folder = args.out / cell_type
         if folder.exists() and any(folder.iterdir()):
             if not (args.overwrite and (folder / "elpv_split.json").is_file()):
@@ -110,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
              "counts": counts, "files": {k: [names[i] for i in v] for k, v in splits.items()}}, indent=1))
         print(f"{cell_type:<5} {counts['train/good']:>10} {counts['test/good']:>9} "
               f"{counts['test/defect']:>11} {counts['test/good'] + counts['test/defect']:>5}")
+        if args.drawn_cracks:
+            cracks = write_drawn_cracks(args.out, cell_type, splits, names, images, args.seed)
+            (args.out / f"{cell_type}-cracks" / "elpv_split.json").write_text(json.dumps(
+                {"source": "elpv-dataset (PyPI), cracks drawn by gaussad.demo.defects.crack", "seed": args.seed,
+                 "counts": cracks}, indent=1))
+            print(f"{cell_type}-cracks: {cracks}")
     print(f"written under {args.out}")
     return 0
 

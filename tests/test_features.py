@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from gaussad.data import read_rgb
-from gaussad.features import LITE0_PACKAGE, Backbone, FeatureStore, WeightsError, normalization, to_tensor
+from gaussad.features import LITE0_PACKAGE, Backbone, FeatureStore, WeightsError, build_model, normalization, to_tensor
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -96,6 +96,19 @@ def test_extract_applies_tf_normalization(lite0_pretrained):
     with torch.no_grad():
         want = model.bn1(model.conv_stem((x01 - 0.5) / 0.5))
     torch.testing.assert_close(lite0_pretrained.extract(x01)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_features_equal_a_plain_forward(lite0_pretrained):
+    """The backbone runs in channels_last (faster on a CPU); its features equal timm's own
+    contiguous forward of the same weights, and come back in the usual contiguous layout."""
+    plain = build_model(LITE0, LITE0_PACKAGE, 0)
+    x01 = random_images(2, 96)
+    with torch.no_grad():
+        x = (x01 - 0.5) / 0.5
+        want = plain.blocks[:3](plain.bn1(plain.conv_stem(x)))  # level 3 = the output of stage 2
+    got = lite0_pretrained.extract(x01)
+    assert all(feats.is_contiguous() for feats in got.values())
+    torch.testing.assert_close(got[3], want, rtol=1e-4, atol=1e-4)
 
 
 # ---- weights from a file ---------------------------------------------------------------------------

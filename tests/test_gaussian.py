@@ -228,6 +228,34 @@ def test_groups_equal_separate_fits(reduction, variance):
         assert len(set(counts)) > 1, "the spectra are chosen so that groups keep different counts (padding)"
 
 
+def test_groups_decomposed_in_chunks_equal_one_decomposition(monkeypatch):
+    """The eigendecompositions run EIGH_GROUPS groups at a time on a thread pool; chunks that keep
+    different counts are padded to one width. Same result as all groups at once."""
+    import gaussad.gaussian as gaussian
+
+    rng = np.random.default_rng(5)
+    spectra = [np.geomspace(0.01, 10, 6), np.linspace(1, 9, 6), np.geomspace(1, 1000, 6)] * 3
+    data = np.stack([known_spectrum(rng, 400, s, offset=i) for i, s in enumerate(spectra)], axis=1)  # 9 groups
+    whole = fit_gaussian(batches_of(data), "npca", 0.05)
+    monkeypatch.setattr(gaussian, "EIGH_GROUPS", 2)
+    chunked = fit_gaussian(batches_of(data), "npca", 0.05)
+    assert chunked.projection.shape == whole.projection.shape
+    points = torch.from_numpy(data[:30] + rng.normal(size=data[:30].shape))
+    np.testing.assert_allclose(chunked.mahalanobis(points).numpy(), whole.mahalanobis(points).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(chunked.shrinkage.numpy(), whole.shrinkage.numpy(), rtol=1e-10)
+
+
+def test_float32_projection_keeps_the_distances():
+    """Per-position Gaussians keep their [G, D, k] axes in float32: distances within 1e-5 of float64."""
+    rng = np.random.default_rng(8)
+    data = np.stack([known_spectrum(rng, 500, np.geomspace(0.01, 10, 12), offset=i) for i in range(4)], axis=1)
+    exact = fit_gaussian(batches_of(data), "npca", 0.05)
+    compact = fit_gaussian(batches_of(data), "npca", 0.05, projection_dtype=torch.float32)
+    assert compact.projection.dtype == torch.float32 and compact.mean.dtype == torch.float64
+    points = torch.from_numpy(data[:50] + rng.normal(size=data[:50].shape))
+    np.testing.assert_allclose(compact.mahalanobis(points).numpy(), exact.mahalanobis(points).numpy(), rtol=1e-5)
+
+
 # ---- errors ----------------------------------------------------------------------------------------
 
 

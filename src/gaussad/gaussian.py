@@ -13,6 +13,7 @@ for one Gaussian per feature-map position (PaDiM's per-location mode). Batches a
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -38,11 +39,12 @@ class Gaussian:
         return Gaussian(*(t.to(device) for t in (self.mean, self.projection, self.precision, self.shrinkage)))
 
     def mahalanobis(self, x: torch.Tensor) -> torch.Tensor:
-        """Distances of x [n, G, D] to each group's Gaussian -> [n, G], computed in float64."""
-        whitening = self.projection * self.precision.sqrt()[:, None, :]  # [G, D, k]
+        """Distances of x [n, G, D] to each group's Gaussian -> [n, G]: centred in float64, then
+        projected in the projection's precision (float64, or float32 for per-position Gaussians)."""
+        whitening = self.projection * self.precision.sqrt().to(self.projection.dtype)[:, None, :]  # [G, D, k]
         centred = x.to(self.mean.device, torch.float64) - self.mean
-        z = torch.einsum("ngd,gdk->ngk", centred, whitening)
-        return z.square().sum(-1).sqrt()
+        z = torch.einsum("ngd,gdk->ngk", centred.to(whitening.dtype), whitening)
+        return z.double().square().sum(-1).sqrt()
 
 
 class MomentAccumulator:
@@ -61,15 +63,16 @@ class MomentAccumulator:
         y = (x - self.shift).transpose(0, 1)  # [G, n, D]
         self.n += x.shape[0]
         self.sum += y.sum(1)
-        self.outer += y.transpose(1, 2) @ y
+        self.outer.baddbmm_(y.transpose(1, 2), y)  # in place: no second [G, D, D]
 
     def mean(self) -> torch.Tensor:
         return self.shift + self.sum / self.n
 
-    def covariance(self) -> torch.Tensor:
-        """The biased (1/n) sample covariance, as scikit-learn's Ledoit-Wolf uses: [G, D, D]."""
-        centred_sum = self.sum / self.n
-        return self.outer / self.n - centred_sum[:, :, None] * centred_sum[:, None, :]
+    def covariance(self, groups: slice = slice(None)) -> torch.Tensor:
+        """The biased (1/n) sample covariance, as scikit-learn's Ledoit-Wolf uses: [G, D, D] (or
+        of the `groups` only)."""
+        centred_sum = self.sum[groups] / self.n
+        return (self.outer[groups] / self.n).sub_(centred_sum[:, :, None] * centred_sum[:, None, :])
 
 
 def kept_count(eigenvalues_ascending: torch.Tensor, reduction: str, variance: float) -> int:
@@ -122,6 +125,40 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+EIGH_GROUPS = 128  # eigendecompositions per call: bounds the [g, D, D] covariances and eigenvectors held
+
+
+def _principal_axes(moments: MomentAccumulator, reduction: str, variance: float,
+                    projection_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group, the axes a reduction keeps: (counts [G], kept eigenvalues [G, width], projection
+    [G, D, width] in `projection_dtype`), width = the largest count; the padding past a group's
+    count is zero. The groups are decomposed EIGH_GROUPS at a time, so that only the kept axes of
+    all groups are held at once."""
+    def decompose(start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        eigenvalues, eigenvectors = torch.linalg.eigh(moments.covariance(slice(start, start + EIGH_GROUPS)))
+        eigenvalues = eigenvalues.clamp(min=0)  # round-off makes rank-deficient spectra slightly negative
+        groups, dim = eigenvalues.shape
+        counts = kept_counts(eigenvalues, reduction, variance)
+        width = int(counts.max())
+        position = torch.arange(width, device=eigenvalues.device)
+        kept = position < counts[:, None]
+        # npca keeps the first `count` (smallest) axes; pca and none the last `count`, ascending
+        axes = position.expand(groups, width) if reduction == "npca" else (dim - counts[:, None] + position)
+        axes = axes.clamp(0, dim - 1)
+        projection = torch.gather(eigenvectors, 2, axes[:, None, :].expand(groups, dim, width)) * kept[:, None, :]
+        return counts, torch.gather(eigenvalues, 1, axes) * kept, projection.to(projection_dtype)
+
+    # Many small eigenproblems: one thread each (threads inside one only fight: 60 s instead of
+    # 0.3 s for 64 of 176²), the chunks spread over the cores.
+    workers = torch.get_num_threads()
+    with one_thread(), ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(decompose, range(0, len(moments.sum), EIGH_GROUPS)))
+    width = max(int(counts.max()) for counts, _, _ in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
+    return (torch.cat([counts for counts, _, _ in parts]), torch.cat([pad(values) for _, values, _ in parts]),
+            torch.cat([pad(projection) for _, _, projection in parts]))
+
+
 def fit_gaussian(
     batches: Callable[[], Iterable[torch.Tensor]],
     reduction: str = "npca",
@@ -129,47 +166,41 @@ def fit_gaussian(
     device: torch.device | str = "cpu",
     covariance: str = "ledoit-wolf",
     ridge: float = 0.01,
+    projection_dtype: torch.dtype = torch.float64,
 ) -> Gaussian:
     """Fit G Gaussians from `batches()`, a re-iterable source of [n, G, D] tensors (read twice for
     Ledoit-Wolf, once for ridge). `covariance`: the kept eigenvalues λ shrunk by Ledoit-Wolf, or
-    λ + `ridge` (PaDiM's Σ + εI, in the kept axes)."""
+    λ + `ridge` (PaDiM's Σ + εI, in the kept axes). `projection_dtype`: float32 halves the memory
+    and folder size of per-position Gaussians ([G, D, k] axes; distances within ~1e-6 relative)."""
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("covariance", covariance, COVARIANCES)
     if reduction != "none":
         check_number("variance fraction", variance, float, 0, 1, open_low=True)
+    if covariance == "ridge":
+        check_number("ridge", ridge, float, 0, open_low=True)
 
     moments = MomentAccumulator()
     for batch in batches():
         moments.update(batch.to(device))
     if moments.n < 2:
         raise ValueError(f"a Gaussian needs at least 2 samples, got {moments.n}")
-    mean = moments.mean()
-    with one_thread():  # a batch of small eigenproblems: threads only fight (60 s instead of 0.3 s for 64 of 176²)
-        eigenvalues, eigenvectors = torch.linalg.eigh(moments.covariance())  # ascending, [G, D], [G, D, D]
-    eigenvalues = eigenvalues.clamp(min=0)  # round-off makes rank-deficient spectra slightly negative
-
-    groups, dim = mean.shape
-    counts = kept_counts(eigenvalues, reduction, variance)  # [G]
-    width = int(counts.max())
-    position = torch.arange(width, device=mean.device)
-    kept = position < counts[:, None]  # [G, width]; the padding past a group's count is zero
-    # npca keeps the first `count` (smallest) axes; pca and none the last `count`, in ascending order
-    axes = position.expand(groups, width) if reduction == "npca" else (dim - counts[:, None] + position)
-    axes = axes.clamp(0, dim - 1)
-    projection = torch.gather(eigenvectors, 2, axes[:, None, :].expand(groups, dim, width)) * kept[:, None, :]
-    kept_values = torch.gather(eigenvalues, 1, axes) * kept
+    n, mean = moments.n, moments.mean()
+    counts, kept_values, projection = _principal_axes(moments, reduction, variance, projection_dtype)
+    del moments  # its [G, D, D] sums: the largest thing a per-position fit holds
+    groups = len(mean)
+    kept = torch.arange(projection.shape[2], device=mean.device) < counts[:, None]  # [G, width]
 
     if covariance == "ridge":
-        check_number("ridge", ridge, float, 0, open_low=True)
         precision = torch.where(kept, 1 / (kept_values + ridge), torch.zeros_like(kept_values))
         return Gaussian(mean, projection, precision, torch.zeros(groups, dtype=torch.float64, device=mean.device))
 
     fourth_moment = torch.zeros(groups, dtype=torch.float64, device=mean.device)
     for batch in batches():
-        z = torch.einsum("ngd,gdk->ngk", batch.to(mean.device, torch.float64) - mean, projection)
+        centred = (batch.to(mean.device, torch.float64) - mean).to(projection_dtype)
+        z = torch.einsum("ngd,gdk->ngk", centred, projection).double()
         fourth_moment += z.square().sum(-1).square().sum(0)
 
-    shrinkage = ledoit_wolf_shrinkage(kept_values, counts, fourth_moment, moments.n)
+    shrinkage = ledoit_wolf_shrinkage(kept_values, counts, fourth_moment, n)
     shrunk = (1 - shrinkage)[:, None] * kept_values + (shrinkage * kept_values.sum(1) / counts)[:, None]
     if not bool((shrunk[kept] > 0).all()):
         raise ValueError("the training features have zero variance: are all training images identical?")

