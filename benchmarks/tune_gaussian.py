@@ -58,6 +58,12 @@ CONFIGS = {
                                                    covariance="ridge", ridge=1.0, image_score="map-max", smoothing=4),
     "stacked 2,3,5 avg3 ridge npca map-max": dict(pixel_levels=(2, 3, 5), spatial="stacked", local_average=3,
                                                   covariance="ridge", image_score="map-max", smoothing=4),
+    "lite0": dict(levels=(3, 4, 5), pixel_levels=(3, 4, 5), spatial="stacked", local_average=3, covariance="ridge",
+                  ridge=0.1, image_score="map-max", smoothing=4),
+    "lite0 npca 0.02": dict(levels=(3, 4, 5), pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
+                            covariance="ridge", ridge=0.1, variance=0.02, image_score="map-max", smoothing=4),
+    "lite0 npca 0.01": dict(levels=(3, 4, 5), pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
+                            covariance="ridge", ridge=0.1, variance=0.01, image_score="map-max", smoothing=4),
     "stacked 3,4,5 map-max": dict(pixel_levels=(3, 4, 5), spatial="stacked", image_score="map-max", smoothing=4),
 }
 

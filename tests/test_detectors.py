@@ -93,3 +93,14 @@ def test_the_hold_out_split_is_seeded_and_keeps_two_images_to_fit():
     assert split_holdout(2, 0.5, seed=0) == ([0, 1], [])  # no hold-out below 2 images to fit
     with pytest.raises(ValueError, match=r"holdout must be in \[0, 1\), got 1"):
         split_holdout(20, 1, seed=0)
+
+
+def test_params_yaml_holds_the_lite0_preset():
+    """The pipeline's params.yaml runs the recommended offline configuration: the lite0 preset."""
+    import yaml
+    from pathlib import Path
+
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    settings = model_spec(params).settings
+    for key, value in GaussianAD.PRESETS["lite0"].items():
+        assert settings[key] == (list(value) if isinstance(value, tuple) else value), key

@@ -70,6 +70,7 @@ def test_second_run_recomputes_nothing_and_results_match(project):
     assert run_record["git_commit"] and run_record["data"]["root"] == str(project["data"])
 
 
+@pytest.mark.slow  # ~20 s: keeps the default run near 10 minutes
 def test_changed_images_recompute_only_their_category(project):
     run(project)
     image = project["data"] / "weave" / "train" / "good" / "002.png"
@@ -91,6 +92,7 @@ def test_moved_dataset_with_same_content_stays_cached(project, tmp_path):
     assert all(state == "cached" for steps in work(project).values() for state in steps.values())
 
 
+@pytest.mark.slow  # ~20 s: keeps the default run near 10 minutes
 def test_npca_fraction_change_refits_without_extracting(project):
     run(project)
     set_params(project, variance=0.2)

@@ -245,12 +245,13 @@ def test_groups_decomposed_in_chunks_equal_one_decomposition(monkeypatch):
     np.testing.assert_allclose(chunked.shrinkage.numpy(), whole.shrinkage.numpy(), rtol=1e-10)
 
 
-def test_float32_projection_keeps_the_distances():
-    """Per-position Gaussians keep their [G, D, k] axes in float32: distances within 1e-5 of float64."""
+def test_float32_sums_and_axes_keep_the_distances():
+    """Per-position Gaussians are fitted with float32 outer-product sums and [G, D, k] axes:
+    distances within 1e-5 of the float64 fit."""
     rng = np.random.default_rng(8)
     data = np.stack([known_spectrum(rng, 500, np.geomspace(0.01, 10, 12), offset=i) for i in range(4)], axis=1)
     exact = fit_gaussian(batches_of(data), "npca", 0.05)
-    compact = fit_gaussian(batches_of(data), "npca", 0.05, projection_dtype=torch.float32)
+    compact = fit_gaussian(batches_of(data), "npca", 0.05, dtype=torch.float32)
     assert compact.projection.dtype == torch.float32 and compact.mean.dtype == torch.float64
     points = torch.from_numpy(data[:50] + rng.normal(size=data[:50].shape))
     np.testing.assert_allclose(compact.mahalanobis(points).numpy(), exact.mahalanobis(points).numpy(), rtol=1e-5)

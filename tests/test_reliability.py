@@ -31,7 +31,8 @@ from gaussad.model_folder import model_digest
 from gaussad.output_folders import MARKER
 from gaussad.pyfunc_model import decode_image
 
-FAST = ["--preset", "lite0", "--image-size", "96", "--levels", "3", "4", "5", "--quiet"]
+# paper-lite0: shared Gaussians, a model of a few hundred KB (the small-disk test fills a 4 MiB tmpfs)
+FAST = ["--preset", "paper-lite0", "--image-size", "96", "--levels", "3", "4", "5", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +238,7 @@ def convert_category(source: Path, target: Path, convert) -> None:
         convert(gray8, path)
 
 
+@pytest.mark.slow  # ~20 s: keeps the default run near 10 minutes
 def test_16bit_category_fits_and_scores_as_its_8bit_original(dataset, tmp_path):
     """The bug: 16-bit PNGs saturated to white and fit failed with 'zero variance'. Now a 16-bit copy
     (and a 16-bit TIFF copy) of a category gives the same scores as the 8-bit original."""

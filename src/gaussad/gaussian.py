@@ -2,7 +2,8 @@
 
 A fit makes two passes over the feature batches and never holds the feature matrix:
   pass 1: n, Σ(x-K), Σ(x-K)(x-K)ᵀ in float64 (K = the first batch's mean, which keeps the sums
-          well conditioned) -> mean, covariance, its eigenvectors -> the kept components (NPCA/PCA/none)
+          well conditioned; the outer products in float32 for per-position Gaussians) -> mean,
+          covariance, its eigenvectors -> the kept components (NPCA/PCA/none)
   pass 2: Σ‖z‖⁴ of the projected, centred vectors z -> the Ledoit-Wolf shrinkage of their covariance.
 In the kept principal axes the sample covariance is diagonal (the eigenvalues λ), so the Ledoit-Wolf
 estimate (1-s)·diag(λ) + s·mean(λ)·I is diagonal too, and so is its inverse, the precision.
@@ -39,30 +40,30 @@ class Gaussian:
         return Gaussian(*(t.to(device) for t in (self.mean, self.projection, self.precision, self.shrinkage)))
 
     def mahalanobis(self, x: torch.Tensor) -> torch.Tensor:
-        """Distances of x [n, G, D] to each group's Gaussian -> [n, G]: centred in float64, then
-        projected in the projection's precision (float64, or float32 for per-position Gaussians)."""
-        whitening = self.projection * self.precision.sqrt().to(self.projection.dtype)[:, None, :]  # [G, D, k]
-        centred = x.to(self.mean.device, torch.float64) - self.mean
-        z = torch.einsum("ngd,gdk->ngk", centred.to(whitening.dtype), whitening)
-        return z.double().square().sum(-1).sqrt()
+        """Distances of x [n, G, D] to each group's Gaussian -> [n, G]: centred in float64, projected
+        in the projection's precision (float32 for per-position Gaussians), weighted in float64."""
+        centred = (x.to(self.mean.device, torch.float64) - self.mean).to(self.projection.dtype)
+        z = torch.einsum("ngd,gdk->ngk", centred, self.projection)  # no [G, D, k] temporary
+        return (z.double().square() * self.precision).sum(-1).sqrt()
 
 
 class MomentAccumulator:
-    """Streaming sums for the mean and covariance of [n, G, D] batches, in float64."""
+    """Streaming sums for the mean and covariance of [n, G, D] batches: the shift K and Σ(x-K) in
+    float64, Σ(x-K)(x-K)ᵀ in `dtype`; the mean and covariance are returned in float64."""
 
-    def __init__(self) -> None:
-        self.n = 0
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        self.n, self.dtype = 0, dtype
         self.shift = self.sum = self.outer = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.to(torch.float64)
         if self.shift is None:
-            self.shift = x.mean(0)
+            self.shift = x.to(torch.float64).mean(0)
             self.sum = torch.zeros_like(self.shift)
-            self.outer = torch.zeros(*self.shift.shape, self.shift.shape[-1], dtype=torch.float64, device=x.device)
-        y = (x - self.shift).transpose(0, 1)  # [G, n, D]
+            self.outer = torch.zeros(*self.shift.shape, self.shift.shape[-1], dtype=self.dtype, device=x.device)
+        y = (x.to(torch.float64) - self.shift).transpose(0, 1)  # [G, n, D]
         self.n += x.shape[0]
         self.sum += y.sum(1)
+        y = y.to(self.dtype)
         self.outer.baddbmm_(y.transpose(1, 2), y)  # in place: no second [G, D, D]
 
     def mean(self) -> torch.Tensor:
@@ -70,9 +71,9 @@ class MomentAccumulator:
 
     def covariance(self, groups: slice = slice(None)) -> torch.Tensor:
         """The biased (1/n) sample covariance, as scikit-learn's Ledoit-Wolf uses: [G, D, D] (or
-        of the `groups` only)."""
+        of the `groups` only), in float64."""
         centred_sum = self.sum[groups] / self.n
-        return (self.outer[groups] / self.n).sub_(centred_sum[:, :, None] * centred_sum[:, None, :])
+        return (self.outer[groups].to(torch.float64) / self.n).sub_(centred_sum[:, :, None] * centred_sum[:, None, :])
 
 
 def kept_count(eigenvalues_ascending: torch.Tensor, reduction: str, variance: float) -> int:
@@ -129,11 +130,11 @@ EIGH_GROUPS = 128  # eigendecompositions per call: bounds the [g, D, D] covarian
 
 
 def _principal_axes(moments: MomentAccumulator, reduction: str, variance: float,
-                    projection_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per group, the axes a reduction keeps: (counts [G], kept eigenvalues [G, width], projection
-    [G, D, width] in `projection_dtype`), width = the largest count; the padding past a group's
-    count is zero. The groups are decomposed EIGH_GROUPS at a time, so that only the kept axes of
-    all groups are held at once."""
+                    projection_dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per chunk of EIGH_GROUPS groups, the axes a reduction keeps: (counts [g], kept eigenvalues
+    [g, w], projection [g, D, w] in `projection_dtype`), w = the chunk's largest count, the padding
+    past a group's count zero. Chunks bound the [g, D, D] covariances and eigenvectors held."""
+
     def decompose(start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         eigenvalues, eigenvectors = torch.linalg.eigh(moments.covariance(slice(start, start + EIGH_GROUPS)))
         eigenvalues = eigenvalues.clamp(min=0)  # round-off makes rank-deficient spectra slightly negative
@@ -152,11 +153,27 @@ def _principal_axes(moments: MomentAccumulator, reduction: str, variance: float,
     # 0.3 s for 64 of 176²), the chunks spread over the cores.
     workers = torch.get_num_threads()
     with one_thread(), ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(decompose, range(0, len(moments.sum), EIGH_GROUPS)))
+        return list(pool.map(decompose, range(0, len(moments.sum), EIGH_GROUPS)))
+
+
+def _joined(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """The chunks of _principal_axes as one (counts [G], kept eigenvalues [G, width], projection
+    [G, D, width]), zero-padded to the widest; each chunk is freed once copied, so the projection
+    is held about once, not twice."""
     width = max(int(counts.max()) for counts, _, _ in parts)
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
-    return (torch.cat([counts for counts, _, _ in parts]), torch.cat([pad(values) for _, values, _ in parts]),
-            torch.cat([pad(projection) for _, _, projection in parts]))
+    counts = torch.cat([c for c, _, _ in parts])
+    values = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1])) for _, v, _ in parts])
+    first = parts[0][2]
+    projection = torch.empty(len(counts), first.shape[1], width, dtype=first.dtype, device=first.device)
+    start = 0
+    while parts:
+        part = parts.pop(0)[2]
+        stop = start + len(part)
+        projection[start:stop, :, :part.shape[2]] = part
+        projection[start:stop, :, part.shape[2]:] = 0
+        start = stop
+        del part
+    return counts, values, projection
 
 
 def fit_gaussian(
@@ -166,12 +183,13 @@ def fit_gaussian(
     device: torch.device | str = "cpu",
     covariance: str = "ledoit-wolf",
     ridge: float = 0.01,
-    projection_dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = torch.float64,
 ) -> Gaussian:
     """Fit G Gaussians from `batches()`, a re-iterable source of [n, G, D] tensors (read twice for
     Ledoit-Wolf, once for ridge). `covariance`: the kept eigenvalues λ shrunk by Ledoit-Wolf, or
-    λ + `ridge` (PaDiM's Σ + εI, in the kept axes). `projection_dtype`: float32 halves the memory
-    and folder size of per-position Gaussians ([G, D, k] axes; distances within ~1e-6 relative)."""
+    λ + `ridge` (PaDiM's Σ + εI, in the kept axes). `dtype`: of the [G, D, D] sums of outer products
+    and the kept [G, D, k] axes; float32 halves the memory, time and folder size of per-position
+    Gaussians (means, eigendecompositions and eigenvalues stay in float64)."""
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("covariance", covariance, COVARIANCES)
     if reduction != "none":
@@ -179,14 +197,15 @@ def fit_gaussian(
     if covariance == "ridge":
         check_number("ridge", ridge, float, 0, open_low=True)
 
-    moments = MomentAccumulator()
+    moments = MomentAccumulator(dtype)
     for batch in batches():
         moments.update(batch.to(device))
     if moments.n < 2:
         raise ValueError(f"a Gaussian needs at least 2 samples, got {moments.n}")
     n, mean = moments.n, moments.mean()
-    counts, kept_values, projection = _principal_axes(moments, reduction, variance, projection_dtype)
-    del moments  # its [G, D, D] sums: the largest thing a per-position fit holds
+    parts = _principal_axes(moments, reduction, variance, dtype)
+    del moments  # its [G, D, D] sums, the largest thing a per-position fit holds, before the axes are joined
+    counts, kept_values, projection = _joined(parts)
     groups = len(mean)
     kept = torch.arange(projection.shape[2], device=mean.device) < counts[:, None]  # [G, width]
 
@@ -196,7 +215,7 @@ def fit_gaussian(
 
     fourth_moment = torch.zeros(groups, dtype=torch.float64, device=mean.device)
     for batch in batches():
-        centred = (batch.to(mean.device, torch.float64) - mean).to(projection_dtype)
+        centred = (batch.to(mean.device, torch.float64) - mean).to(dtype)
         z = torch.einsum("ngd,gdk->ngk", centred, projection).double()
         fourth_moment += z.square().sum(-1).square().sum(0)
 
