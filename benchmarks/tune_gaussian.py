@@ -22,49 +22,40 @@ from gaussad.features import LITE0_PACKAGE, FeatureStore
 from gaussad.gaussian_detector import GaussianAD
 
 BASE = dict(backbone="tf_efficientnet_lite0", weights=LITE0_PACKAGE, levels=(3, 4, 5, 6, 7))
+LITE0 = GaussianAD.PRESETS["lite0"]
+
+
+def stacked(levels: tuple[int, ...], average: int = 3, **settings) -> dict:
+    """Pixel `levels` stacked, k×k `average`d, one Gaussian per position, the smoothed map's
+    maximum as image score; `settings` on top."""
+    return dict(pixel_levels=levels, spatial="stacked", local_average=average, image_score="map-max",
+                smoothing=4) | settings
+
+
 CONFIGS = {
     "paper-lite0": {},
     "map-max": dict(image_score="map-max", smoothing=4),
     "combined": dict(image_score="combined", smoothing=4),
     "per-location 2,3,5 map-max": dict(pixel_levels=(2, 3, 5), spatial="per-location", image_score="map-max",
                                        smoothing=4),
-    "stacked 2,3,5 avg3 map-max": dict(pixel_levels=(2, 3, 5), spatial="stacked", local_average=3,
-                                       image_score="map-max", smoothing=4),
-    "stacked 2,3,5 avg3 ridge none map-max": dict(pixel_levels=(2, 3, 5), spatial="stacked", local_average=3,
-                                                  covariance="ridge", reduction="none", image_score="map-max",
-                                                  smoothing=4),
-    "stacked 2,3,5 avg3 combined": dict(pixel_levels=(2, 3, 5), spatial="stacked", local_average=3,
-                                        image_score="combined", smoothing=4),
-    "stacked 3,4,5 avg3 map-max": dict(pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
-                                       image_score="map-max", smoothing=4),
-    "stacked 3,4,5 avg3 combined": dict(pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
-                                        image_score="combined", smoothing=4),
-    "stacked 3,5 avg3 map-max": dict(pixel_levels=(3, 5), spatial="stacked", local_average=3,
-                                     image_score="map-max", smoothing=4),
-    "stacked 3,4,5 avg3 ridge none map-max": dict(pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
-                                                  covariance="ridge", reduction="none", image_score="map-max",
-                                                  smoothing=4),
-    "stacked 3,4,5 avg5 map-max": dict(pixel_levels=(3, 4, 5), spatial="stacked", local_average=5,
-                                       image_score="map-max", smoothing=4),
-    "stacked 3,4,5 avg3 map-max σ2": dict(pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
-                                          image_score="map-max", smoothing=2),
-    "stacked 2,3,5 ridge none map-max (PaDiM)": dict(pixel_levels=(2, 3, 5), spatial="stacked", covariance="ridge",
-                                                      reduction="none", image_score="map-max", smoothing=4),
-    "stacked 3,4,5 avg3 ridge npca map-max": dict(pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
-                                                  covariance="ridge", image_score="map-max", smoothing=4),
-    "stacked 3,4,5 avg3 ridge0.1 npca map-max": dict(pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
-                                                     covariance="ridge", ridge=0.1, image_score="map-max", smoothing=4),
-    "stacked 3,4,5 avg3 ridge1 npca map-max": dict(pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
-                                                   covariance="ridge", ridge=1.0, image_score="map-max", smoothing=4),
-    "stacked 2,3,5 avg3 ridge npca map-max": dict(pixel_levels=(2, 3, 5), spatial="stacked", local_average=3,
-                                                  covariance="ridge", image_score="map-max", smoothing=4),
-    "lite0": dict(levels=(3, 4, 5), pixel_levels=(3, 4, 5), spatial="stacked", local_average=3, covariance="ridge",
-                  ridge=0.1, image_score="map-max", smoothing=4),
-    "lite0 npca 0.02": dict(levels=(3, 4, 5), pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
-                            covariance="ridge", ridge=0.1, variance=0.02, image_score="map-max", smoothing=4),
-    "lite0 npca 0.01": dict(levels=(3, 4, 5), pixel_levels=(3, 4, 5), spatial="stacked", local_average=3,
-                            covariance="ridge", ridge=0.1, variance=0.01, image_score="map-max", smoothing=4),
-    "stacked 3,4,5 map-max": dict(pixel_levels=(3, 4, 5), spatial="stacked", image_score="map-max", smoothing=4),
+    "stacked 2,3,5 avg3 map-max": stacked((2, 3, 5)),
+    "stacked 2,3,5 avg3 ridge none map-max": stacked((2, 3, 5), covariance="ridge", reduction="none"),
+    "stacked 2,3,5 avg3 combined": stacked((2, 3, 5), image_score="combined"),
+    "stacked 3,4,5 avg3 map-max": stacked((3, 4, 5)),
+    "stacked 3,4,5 avg3 combined": stacked((3, 4, 5), image_score="combined"),
+    "stacked 3,5 avg3 map-max": stacked((3, 5)),
+    "stacked 3,4,5 avg3 ridge none map-max": stacked((3, 4, 5), covariance="ridge", reduction="none"),
+    "stacked 3,4,5 avg5 map-max": stacked((3, 4, 5), average=5),
+    "stacked 3,4,5 avg3 map-max σ2": stacked((3, 4, 5), smoothing=2),
+    "stacked 2,3,5 ridge none map-max (PaDiM)": stacked((2, 3, 5), average=1, covariance="ridge", reduction="none"),
+    "stacked 3,4,5 avg3 ridge npca map-max": stacked((3, 4, 5), covariance="ridge"),
+    "stacked 3,4,5 avg3 ridge0.1 npca map-max": stacked((3, 4, 5), covariance="ridge", ridge=0.1),
+    "stacked 3,4,5 avg3 ridge1 npca map-max": stacked((3, 4, 5), covariance="ridge", ridge=1.0),
+    "stacked 2,3,5 avg3 ridge npca map-max": stacked((2, 3, 5), covariance="ridge"),
+    "lite0": LITE0,
+    "lite0 npca 0.02": LITE0 | dict(variance=0.02),
+    "lite0 npca 0.01": LITE0 | dict(variance=0.01),
+    "stacked 3,4,5 map-max": stacked((3, 4, 5), average=1),
 }
 
 
@@ -84,7 +75,7 @@ def main() -> None:
         train = FeatureStore.write(extractor.backbone, category.train.paths, Path(tmp) / "train", 16, True, "train")
         test = FeatureStore.write(extractor.backbone, category.test.paths, Path(tmp) / "test", 16, True, "test")
         for name in args.configs:
-            model = GaussianAD(**{**BASE, **CONFIGS[name]}, image_size=args.image_size, progress=False)
+            model = GaussianAD(**{**BASE, **CONFIGS[name], "image_size": args.image_size}, progress=False)
             model.backbone = extractor.backbone  # the features are in the stores; no second network
             started = time.perf_counter()
             model.fit_store(train)

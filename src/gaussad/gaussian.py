@@ -56,11 +56,12 @@ class MomentAccumulator:
         self.shift = self.sum = self.outer = None
 
     def update(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
         if self.shift is None:
-            self.shift = x.to(torch.float64).mean(0)
+            self.shift = x.mean(0)
             self.sum = torch.zeros_like(self.shift)
             self.outer = torch.zeros(*self.shift.shape, self.shift.shape[-1], dtype=self.dtype, device=x.device)
-        y = (x.to(torch.float64) - self.shift).transpose(0, 1)  # [G, n, D]
+        y = (x - self.shift).transpose(0, 1)  # [G, n, D]
         self.n += x.shape[0]
         self.sum += y.sum(1)
         y = y.to(self.dtype)
@@ -172,7 +173,6 @@ def _joined(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tup
         projection[start:stop, :, :part.shape[2]] = part
         projection[start:stop, :, part.shape[2]:] = 0
         start = stop
-        del part
     return counts, values, projection
 
 

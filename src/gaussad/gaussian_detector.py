@@ -146,10 +146,11 @@ class GaussianAD(Detector):
         started = time.perf_counter()
         fit_rows, holdout_rows = split_holdout(len(store), holdout, self.config["seed"])
         self.fit_features(store, fit_rows)
-        normal_rows = holdout_rows or fit_rows
+        # the normal images scored once: their parts set the combined score's scale, then the thresholds
+        parts = [self._score_parts(feats) for feats in store.batches(holdout_rows or fit_rows, self.batch_size)]
         if self.config["image_score"] == "combined":
-            self.score_scale = self._score_scale(store, normal_rows)
-        self.set_normal_thresholds(self.score_store(store, normal_rows))
+            self.score_scale = self._score_scale(parts)
+        self.set_normal_thresholds(Scores.concatenate([self._scores(*part) for part in parts]))
         self.fit_info.update(
             fit_seconds=round(time.perf_counter() - started, 3),
             extract_seconds=store.seconds,
@@ -167,8 +168,7 @@ class GaussianAD(Detector):
             return fit_gaussian(batches, c["reduction"], c["variance"], self.device, c["covariance"], c["ridge"],
                                 torch.float32 if per_position else torch.float64)
 
-        image_levels = c["levels"] if c["image_score"] != "map-max" else []
-        pixel_keys = [STACKED] if c["spatial"] == STACKED else c["pixel_levels"]
+        image_levels, pixel_keys = self._gaussian_keys()
         jobs = [("image", level) for level in image_levels] + [("pixel", key) for key in pixel_keys]
         for kind, key in tqdm(jobs, desc="fitting levels", disable=not self.progress):
             chunks = lambda level=key: store.chunks(level, rows)  # noqa: E731
@@ -186,6 +186,13 @@ class GaussianAD(Detector):
         self.fit_info["channels"] = {str(key): int(g.mean.shape[1]) for key, g in self.pixel_gaussians.items()}
         return self
 
+    def _gaussian_keys(self) -> tuple[list[int], list[int | str]]:
+        """(levels of the image Gaussians: none for map-max, keys of the pixel Gaussians: the pixel
+        levels, or the one stacked Gaussian)."""
+        c = self.config
+        return (c["levels"] if c["image_score"] != "map-max" else [],
+                [STACKED] if c["spatial"] == STACKED else c["pixel_levels"])
+
     def _pixel_inputs(self, feats: dict[int, torch.Tensor]) -> dict[int | str, torch.Tensor]:
         """The [n, C, h, w] features of each pixel Gaussian: per pixel level, locally averaged, or
         (stacked) the levels at the finest one's size, concatenated."""
@@ -193,9 +200,10 @@ class GaussianAD(Detector):
                     for level in self.config["pixel_levels"]}
         return {STACKED: stack_levels(list(averaged.values()))} if self.config["spatial"] == STACKED else averaged
 
-    def _score_scale(self, store: FeatureStore, rows: Sequence[int]) -> torch.Tensor:
-        """[[mean, std] of the pooled scores, [mean, std] of the map maxima] of normal images."""
-        parts = [self._score_parts(feats) for feats in store.batches(rows, self.batch_size)]
+    @staticmethod
+    def _score_scale(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """[[mean, std] of the pooled scores, [mean, std] of the map maxima] of normal images, from
+        their _score_parts."""
         pooled = torch.cat([p[0] for p in parts]).double()
         maxima = torch.cat([p[1].flatten(1).amax(1) for p in parts]).double()
         scale = [[float(x.mean()), float(x.std()) if len(x) > 1 else 1.0] for x in (pooled, maxima)]
@@ -221,7 +229,10 @@ class GaussianAD(Detector):
     @torch.no_grad()
     def score_features(self, feats: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """Scores from {level: [n, C, h, w]} features: ([n] image scores, [n, S, S] maps)."""
-        pooled, pixel_map = self._score_parts(feats)
+        return self._scores(*self._score_parts(feats))
+
+    def _scores(self, pooled: torch.Tensor | None, pixel_map: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(image scores, maps) as numpy from the parts: the image score the config asks for."""
         peak = pixel_map.flatten(1).amax(1).double()
         if self.config["image_score"] == "pooled":
             image_score = pooled
@@ -267,8 +278,7 @@ class GaussianAD(Detector):
         return tensors
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
-        image_levels = self.config["levels"] if self.config["image_score"] != "map-max" else []
-        pixel_keys = [STACKED] if self.config["spatial"] == STACKED else self.config["pixel_levels"]
+        image_levels, pixel_keys = self._gaussian_keys()
         for kind, target, levels in (("image", self.image_gaussians, image_levels),
                                      ("pixel", self.pixel_gaussians, pixel_keys)):
             for level in levels:
