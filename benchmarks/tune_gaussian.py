@@ -18,7 +18,8 @@ from pathlib import Path
 
 from gaussad.data import load_category
 from gaussad.evaluate import test_metrics
-from gaussad.features import LITE0_PACKAGE, FeatureStore
+from gaussad.features import FeatureStore
+from gaussad.networks import LITE0_PACKAGE
 from gaussad.gaussian_detector import GaussianAD
 
 BASE = dict(backbone="tf_efficientnet_lite0", weights=LITE0_PACKAGE, levels=(3, 4, 5, 6, 7))

@@ -23,6 +23,15 @@ _DEMO_SPEC = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """The backbones this session exports to ONNX go to a folder of its own, not ~/.cache (the
+    environment variable reaches the command-line processes the tests start too)."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    os.environ["GAUSSAD_ONNX_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_spec():
     """The arguments the shared demo dataset was written with (what the data tests expect back)."""

@@ -10,7 +10,7 @@ import pytest
 from gaussad.detector import split_holdout
 from gaussad.detectors import DETECTORS, detector_class, load_model, model_spec
 from gaussad.errors import ModelFileError, NotFittedError
-from gaussad.features import LITE0_PACKAGE
+from gaussad.networks import LITE0_PACKAGE
 from gaussad.gaussian_detector import GaussianAD
 from gaussad.piade import PiadeAD
 from gaussad.validation import check_number

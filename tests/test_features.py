@@ -1,4 +1,6 @@
-"""gaussad.features: level convention, weight sources, early stop, and the on-disk feature store."""
+"""gaussad.features and gaussad.networks: level convention, weight sources, the two runtimes (torch and
+ONNX Runtime, with their parity and the content-keyed export cache), the truncated forward pass,
+image batches, and the on-disk feature store."""
 
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from gaussad.data import read_rgb
-from gaussad.features import LITE0_PACKAGE, Backbone, FeatureStore, WeightsError, build_model, normalization, to_tensor
+from gaussad import features
+from gaussad.errors import DatasetError, RuntimeUnavailableError
+from gaussad.features import Backbone, FeatureStore, image_batches, resolve_runtime, to_tensor
+from gaussad.networks import LITE0_PACKAGE, LevelNetwork, WeightsError, build_model, normalization
+from gaussad.onnx_features import cache_dir
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -22,8 +28,9 @@ RESNET18_STRIDES = [4, 4, 8, 16, 32]
 RESNET18_CHANNELS = [64, 64, 128, 256, 512]
 
 
-def cpu_backbone(name=LITE0, weights="none", levels=(0, 1), image_size=64, seed=0):
-    return Backbone(name, weights, levels, image_size, device="cpu", seed=seed)
+def cpu_backbone(name=LITE0, weights="none", levels=(0, 1), image_size=64, seed=0, runtime=None):
+    """On the CPU's default runtime (onnxruntime) unless `runtime` says otherwise."""
+    return Backbone(name, weights, levels, image_size, device="cpu", seed=seed, runtime=runtime)
 
 
 def random_images(n=2, size=64, seed=0):
@@ -33,12 +40,13 @@ def random_images(n=2, size=64, seed=0):
 # ---- levels ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 @pytest.mark.parametrize(
     "name, strides, channels",
     [(LITE0, LITE0_STRIDES, LITE0_CHANNELS), ("resnet18", RESNET18_STRIDES, RESNET18_CHANNELS)],
 )
-def test_level_convention(name, strides, channels):
-    backbone = cpu_backbone(name, levels=range(len(strides)), image_size=224)
+def test_level_convention(name, strides, channels, runtime):
+    backbone = cpu_backbone(name, levels=range(len(strides)), image_size=224, runtime=runtime)
     feats = backbone.extract(random_images(1, 224))
     assert sorted(feats) == list(range(len(strides)))
     for level, (stride, width) in enumerate(zip(strides, channels)):
@@ -61,12 +69,17 @@ def test_levels_out_of_range(name, levels, last):
 
 @pytest.fixture(scope="module")
 def lite0_pretrained():
-    return cpu_backbone(LITE0, LITE0_PACKAGE, levels=range(9), image_size=224)
+    return cpu_backbone(LITE0, LITE0_PACKAGE, levels=range(9), image_size=224, runtime="torch")
+
+
+@pytest.fixture(scope="module")
+def lite0_model():
+    return build_model(LITE0, LITE0_PACKAGE)
 
 
 @pytest.mark.parametrize("image, imagenet_class", [("chelsea", 285), ("coffee", 967)])
-def test_lite0_package_weights_classify_imagenet_photos(lite0_pretrained, image, imagenet_class):
-    model = lite0_pretrained.model
+def test_lite0_package_weights_classify_imagenet_photos(lite0_pretrained, lite0_model, image, imagenet_class):
+    model = lite0_model
     photo = Image.fromarray(getattr(skimage.data, image)())
     x01 = to_tensor(photo, 224)[None]
     assert x01.shape == (1, 3, 224, 224) and 0 <= x01.min() and x01.max() <= 1
@@ -89,9 +102,9 @@ def test_lite0_package_weights_classify_imagenet_photos(lite0_pretrained, image,
     torch.testing.assert_close(logits.softmax(-1)[0], probs, atol=1e-4, rtol=1e-4)
 
 
-def test_extract_applies_tf_normalization(lite0_pretrained):
+def test_extract_applies_tf_normalization(lite0_pretrained, lite0_model):
     """Level 0 (stem conv + BN + activation) of extract(x) equals the stem run by hand on (x - 0.5) / 0.5."""
-    model = lite0_pretrained.model
+    model = lite0_model
     x01 = random_images(1, 64)
     with torch.no_grad():
         want = model.bn1(model.conv_stem((x01 - 0.5) / 0.5))
@@ -120,9 +133,14 @@ def source_backbone():
     return cpu_backbone(LITE0, "none", levels=(2, 4), seed=7)
 
 
+@pytest.fixture(scope="module")
+def source_state():
+    return build_model(LITE0, "none", seed=7).state_dict()
+
+
 @pytest.mark.parametrize("fmt", ["pth", "pth-wrapped", "safetensors"])
-def test_file_weights_round_trip(tmp_path, source_backbone, fmt):
-    state = source_backbone.model.state_dict()
+def test_file_weights_round_trip(tmp_path, source_backbone, source_state, fmt):
+    state = source_state
     if fmt == "safetensors":
         path = tmp_path / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -170,8 +188,8 @@ def test_file_weights_of_a_bigger_architecture(tmp_path):
     assert str(path) in str(info.value)
 
 
-def test_file_weights_with_missing_tensors(tmp_path, source_backbone):
-    state = source_backbone.model.state_dict()
+def test_file_weights_with_missing_tensors(tmp_path, source_state):
+    state = source_state
     path = tmp_path / "half.safetensors"
     save_file({k: v.contiguous() for k, v in list(state.items())[: len(state) // 2]}, str(path))
     with pytest.raises(WeightsError, match="missing") as info:
@@ -245,21 +263,110 @@ def test_building_a_backbone_leaves_global_rng_alone():
 # ---- early stop ------------------------------------------------------------------------------------
 
 
-def test_early_stop_gives_the_same_features():
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_early_stop_gives_the_same_features(runtime):
     images = random_images(2, 96)
-    everything = cpu_backbone(LITE0, LITE0_PACKAGE, levels=range(9), image_size=96).extract(images)
-    shallow_backbone = cpu_backbone(LITE0, LITE0_PACKAGE, levels=(1, 0), image_size=96)
-
-    deeper_calls = []
-    shallow_backbone.model.blocks[1].register_forward_hook(lambda *args: deeper_calls.append(1))
-    shallow = shallow_backbone.extract(images)
+    everything = cpu_backbone(LITE0, LITE0_PACKAGE, levels=range(9), image_size=96, runtime=runtime).extract(images)
+    shallow = cpu_backbone(LITE0, LITE0_PACKAGE, levels=(1, 0), image_size=96, runtime=runtime).extract(images)
     assert sorted(shallow) == [0, 1]
     for level in (0, 1):
-        assert torch.equal(shallow[level], everything[level])
-    assert deeper_calls == [], "layers after the deepest requested level must not run"
-    # the same backbone can extract again (hooks are removed, nothing is left half-run)
-    again = shallow_backbone.extract(images)
-    assert torch.equal(again[1], shallow[1])
+        torch.testing.assert_close(shallow[level], everything[level], rtol=1e-6, atol=1e-6)
+
+
+def test_the_truncated_network_holds_no_layer_past_the_deepest_level():
+    """Layers after the deepest requested level are not run: they are not even in the network."""
+    network = LevelNetwork(LITE0, "none", levels=(1, 0))
+    names = {name for name, _ in network.network.named_modules()}
+    assert "blocks.0" in names and not any(name.startswith(("blocks.1", "conv_head")) for name in names)
+
+
+# ---- the runtimes -----------------------------------------------------------------------------------
+
+
+def max_relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| over the level, relative to max |want| (elementwise ratios blow up near 0)."""
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("name, weights, levels", [(LITE0, LITE0_PACKAGE, range(9)), ("resnet18", "none", range(5))])
+def test_onnxruntime_features_equal_the_torch_features_on_real_photos(name, weights, levels):
+    """The parity the onnxruntime runtime promises: on every level, max |onnx - torch| <= 1e-4 max |torch|,
+    on real photographs, at a batch size (3) other than the export's (2)."""
+    photos = torch.stack([to_tensor(Image.fromarray(getattr(skimage.data, photo)()), 224)
+                          for photo in ("chelsea", "coffee", "astronaut")])
+    want = cpu_backbone(name, weights, levels, 224, runtime="torch").extract(photos)
+    got = cpu_backbone(name, weights, levels, 224, runtime="onnxruntime").extract(photos)
+    assert sorted(got) == sorted(want) == list(levels)
+    for level in want:
+        assert got[level].shape == want[level].shape and got[level].dtype == torch.float32
+        assert max_relative_error(got[level], want[level]) <= 1e-4, f"level {level}"
+
+
+def test_the_export_is_cached_by_the_content_of_the_weights(tmp_path, monkeypatch, source_state):
+    monkeypatch.setenv("GAUSSAD_ONNX_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "weights.pth"
+    torch.save(source_state, weights)
+    first = cpu_backbone(LITE0, f"file:{weights}", levels=(2,))
+    exported = sorted(cache_dir().glob("*.onnx"))
+    assert len(exported) == 1 and cache_dir() == tmp_path / "cache"
+    written = exported[0].stat().st_mtime_ns
+    cpu_backbone(LITE0, f"file:{weights}", levels=(2,))  # the same bytes: the same file, not exported again
+    assert sorted(cache_dir().glob("*.onnx")) == exported and exported[0].stat().st_mtime_ns == written
+
+    torch.save(build_model(LITE0, "none", seed=8).state_dict(), weights)  # same name, other weights
+    other = cpu_backbone(LITE0, f"file:{weights}", levels=(2,))
+    assert len(list(cache_dir().glob("*.onnx"))) == 2
+    images = random_images(2)
+    assert not torch.allclose(other.extract(images)[2], first.extract(images)[2])
+    cpu_backbone(LITE0, f"file:{weights}", levels=(2, 3))  # other levels, other size: exports of their own
+    cpu_backbone(LITE0, f"file:{weights}", levels=(2,), image_size=96)
+    assert len(list(cache_dir().glob("*.onnx"))) == 4 and not list(cache_dir().glob("*.partial"))
+
+
+def test_a_damaged_export_in_the_cache_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAUSSAD_ONNX_CACHE", str(tmp_path / "cache"))
+    cpu_backbone(LITE0, "none", levels=(1,))
+    [path] = cache_dir().glob("*.onnx")
+    path.write_bytes(b"not an ONNX graph")
+    with pytest.raises(RuntimeUnavailableError, match="--runtime torch") as info:
+        cpu_backbone(LITE0, "none", levels=(1,))
+    assert str(path) in str(info.value)
+    assert torch.equal(cpu_backbone(LITE0, "none", levels=(1,), runtime="torch").extract(random_images())[1].isnan(),
+                       torch.zeros(2, 16, 32, 32, dtype=torch.bool))  # the way out works
+
+
+def test_the_runtime_choice():
+    assert resolve_runtime(None, torch.device("cpu")) == "onnxruntime"
+    assert resolve_runtime(None, torch.device("cuda")) == "torch"
+    assert resolve_runtime("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="--runtime torch"):
+        resolve_runtime("onnxruntime", torch.device("cuda"))
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        resolve_runtime("tensorrt", torch.device("cpu"))
+
+
+# ---- image batches ---------------------------------------------------------------------------------
+
+
+def test_image_batches_decode_each_image_once_and_keep_the_order(demo_root, monkeypatch):
+    paths = sorted((demo_root / "weave" / "train" / "good").glob("*.png"))[:11]
+    decoded, read = [], features.read_rgb
+    monkeypatch.setattr(features, "read_rgb", lambda path: decoded.append(path) or read(path))
+    batches = list(image_batches(paths, 64, 4, torch.device("cpu")))
+    assert [len(batch) for batch in batches] == [4, 4, 3]
+    assert torch.equal(torch.cat(batches), torch.stack([to_tensor(read(path), 64) for path in paths]))
+    assert sorted(decoded) == paths
+
+
+def test_an_unreadable_image_in_a_batch_is_named(tmp_path, demo_root):
+    paths = []
+    for path in sorted((demo_root / "weave" / "train" / "good").glob("*.png"))[:7]:
+        paths.append(tmp_path / path.name)
+        paths[-1].write_bytes(path.read_bytes())
+    paths[5].write_bytes(paths[5].read_bytes()[:300])
+    with pytest.raises(DatasetError) as info:
+        list(image_batches(paths, 64, 2, torch.device("cpu")))
+    assert str(paths[5]) in str(info.value)
 
 
 # ---- feature store ---------------------------------------------------------------------------------

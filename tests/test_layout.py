@@ -24,7 +24,9 @@ LAYERS = [
     "gaussad.model_folder",  # the on-disk format of a fitted model
     "gaussad.metrics",
     "gaussad.plots",
-    "gaussad.features",  # pretrained CNN features
+    "gaussad.networks",  # pretrained CNNs, weight sources, the part that computes chosen levels
+    "gaussad.onnx_features",  # the onnxruntime runtime: levels exported to ONNX, cached by content
+    "gaussad.features",  # features per level on a runtime, image batches, the feature store
     "gaussad.feature_maps",  # local averaging, smoothing
     "gaussad.gaussian",  # the statistics: streaming moments, NPCA, Ledoit-Wolf, Mahalanobis
     "gaussad.detector",  # the interface

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from gaussad.data import load_category, read_rgb
-from gaussad.features import LITE0_PACKAGE, to_tensor
+from gaussad.features import to_tensor
+from gaussad.networks import LITE0_PACKAGE
 from gaussad.errors import ModelFileError, OutputError
 from gaussad.gaussian_detector import GaussianAD
 from gaussad.model_folder import model_digest

@@ -20,7 +20,7 @@ from skimage.metrics import structural_similarity
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
 from gaussad.evaluate import evaluate
-from gaussad.features import LITE0_PACKAGE, WeightsError, build_model
+from gaussad.networks import LITE0_PACKAGE, WeightsError, build_model
 from gaussad.metrics import image_auroc
 from gaussad.errors import CheckpointError, ModelFileError
 from gaussad.model_folder import model_digest

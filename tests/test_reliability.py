@@ -576,16 +576,18 @@ def test_bad_input_matrix(case, dataset, fitted, tmp_path, capsys):
     assert {k: v for k, v in snapshot(tmp_path).items()} == before  # nothing of the user's changed
 
 
-def test_feature_extraction_from_threads_at_once_equals_one_at_a_time():
-    """A served model scores requests from several threads; the backbone's hooks keep each pass apart
-    (they once shared one output dict: the load test saw KeyErrors)."""
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_feature_extraction_from_threads_at_once_equals_one_at_a_time(runtime):
+    """A served model scores requests from several threads; each pass stays apart on both runtimes
+    (forward hooks once shared one output dict: the load test saw KeyErrors)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from gaussad.features import LITE0_PACKAGE, Backbone
+    from gaussad.features import Backbone
+    from gaussad.networks import LITE0_PACKAGE
 
-    backbone = Backbone("tf_efficientnet_lite0", LITE0_PACKAGE, (2, 3, 5), 64, device="cpu")
+    backbone = Backbone("tf_efficientnet_lite0", LITE0_PACKAGE, (2, 3, 5), 64, device="cpu", runtime=runtime)
     batches = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     alone = [backbone.extract(batch) for batch in batches]
     with ThreadPoolExecutor(4) as pool:

@@ -14,7 +14,7 @@ from scipy.ndimage import gaussian_filter
 from gaussad.data import load_category
 from gaussad.detector import split_holdout
 from gaussad.feature_maps import local_average, smooth
-from gaussad.features import LITE0_PACKAGE
+from gaussad.networks import LITE0_PACKAGE
 from gaussad.gaussian_detector import GaussianAD
 from gaussad.model_folder import model_digest
 

@@ -23,6 +23,7 @@ from gaussad.data import IMAGE_SUFFIXES, ImageSet, list_categories, load_categor
 from gaussad.demo import DEMO_CATEGORIES, write_demo_dataset
 from gaussad.evaluate import TEST_METRICS, evaluate
 from gaussad.errors import GaussadError
+from gaussad.features import RUNTIMES
 from gaussad.detector import Detector
 from gaussad.detectors import DEFAULT_MODEL_TYPE, DETECTORS, detector_class, load_model, model_spec
 from gaussad.output_folders import check_model_destination, check_output_folder, claim_output_folder
@@ -120,6 +121,8 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="scoring batch (default 16)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--runtime", choices=RUNTIMES,
+                        help="how the backbone runs (default: onnxruntime on a CPU, torch on a GPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -177,9 +180,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = 
 
 
 def _runtime(args: argparse.Namespace) -> dict:
-    """How a loaded model runs: device, progress bars, scoring batch."""
-    return {"device": args.device, "progress": not args.quiet, "batch_size": 16 if args.batch_size is None
-            else args.batch_size}
+    """How a loaded model runs: device, feature runtime, progress bars, scoring batch."""
+    return {"device": args.device, "runtime": args.runtime, "progress": not args.quiet,
+            "batch_size": 16 if args.batch_size is None else args.batch_size}
 
 
 def _model_from_arguments(args: argparse.Namespace) -> tuple[Detector, dict]:
@@ -204,7 +207,7 @@ def _model_from_arguments(args: argparse.Namespace) -> tuple[Detector, dict]:
     fit_options = {"holdout": spec.holdout}
     if getattr(args, "checkpoint_dir", None) is not None:
         fit_options["checkpoint_dir"] = args.checkpoint_dir
-    return spec.build(device=args.device, progress=not args.quiet), fit_options
+    return spec.build(device=args.device, runtime=args.runtime, progress=not args.quiet), fit_options
 
 
 def _read_config(path: Path) -> dict:

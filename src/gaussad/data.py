@@ -25,6 +25,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 _FLOAT_SLACK = 1e-3  # float images a rounding error outside [0, 1] are clipped, not refused
 GOOD = "good"
+# pixel modes Pillow converts to 8-bit RGB itself (16-bit, 32-bit and float ones are scaled by to_rgb8)
+_PIL_CONVERTIBLE = ("RGB", "L", "P", "1", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La")
 
 
 @dataclass(frozen=True)
@@ -134,24 +136,31 @@ def _mask_path(folder: Path, kind: str, image: Path) -> Path | None:
 
 
 def validate_images(images: ImageSet) -> None:
-    """Decode every image and mask fully; raise on the first unreadable file or size mismatch."""
+    """Check every image and mask before any compute, without decoding their pixels (they are decoded
+    once, where they are used): each opens as an image of at most MAX_IMAGE_PIXELS in a pixel mode
+    gaussad reads; a PNG's chunks are all there with their checksums right (so a truncated or damaged
+    PNG fails here); a mask has its image's size. A file that fails when it is decoded later (a
+    damaged JPEG, float pixels outside [0, 1]) raises the same DatasetError naming it."""
     for path, mask in zip(images.paths, images.mask_paths):
-        size = _decoded_size(path)
-        if mask is not None and _decoded_size(mask) != size:
-            raise DatasetError(f"mask {mask} is {_decoded_size(mask)} but its image {path} is {size}")
+        size = _checked_size(path)
+        if mask is not None and _checked_size(mask, "mask") != size:
+            raise DatasetError(f"mask {mask} is {_checked_size(mask, 'mask')} but its image {path} is {size}")
 
 
-def _decoded_size(path: Path) -> tuple[int, int]:
-    with open_image(path) as img:
-        to_rgb8(img, path)  # the conversion checks the pixel values too (float range, NaN)
+def _checked_size(path: Path, kind: str = "image") -> tuple[int, int]:
+    with open_image(path, kind=kind, decode=False) as img:
+        if img.mode not in _PIL_CONVERTIBLE and img.mode != "F" and not img.mode.startswith("I"):
+            raise DatasetError(f"{kind} {path} has the pixel mode {img.mode!r}, which gaussad cannot read")
+        img.verify()  # PNG: every chunk read and its CRC checked, nothing inflated
         return img.size
 
 
 @contextmanager
-def open_image(source: str | Path | BinaryIO, name: str | None = None, kind: str = "image") -> Iterator[Image.Image]:
-    """An image file (a path, or a binary file of encoded bytes named `name`) fully decoded.
-    DatasetError names it (as an image, or a mask: `kind`) when it cannot be read or is larger
-    than MAX_IMAGE_PIXELS."""
+def open_image(source: str | Path | BinaryIO, name: str | None = None, kind: str = "image",
+               decode: bool = True) -> Iterator[Image.Image]:
+    """An image file (a path, or a binary file of encoded bytes named `name`) fully decoded (or, with
+    `decode` False, only opened). DatasetError names it (as an image, or a mask: `kind`) when it
+    cannot be read or is larger than MAX_IMAGE_PIXELS."""
     name = name or str(source)
     try:
         with Image.open(source) as img:
@@ -159,7 +168,8 @@ def open_image(source: str | Path | BinaryIO, name: str | None = None, kind: str
             if width * height > MAX_IMAGE_PIXELS:  # checked from the header, before any decoding
                 raise DatasetError(f"{kind} {name} is {width}×{height} pixels, more than the "
                                    f"{MAX_IMAGE_PIXELS / 1e6:.0f} million gaussad decodes (a decompression bomb?)")
-            img.load()  # a full decode: catches truncated files that open() alone accepts
+            if decode:
+                img.load()  # a full decode: catches truncated files that open() alone accepts
             yield img
     except Image.DecompressionBombError as err:  # Pillow's own bound (twice ours), checked in open()
         raise DatasetError(f"{kind} {name} is more than the {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels gaussad "
@@ -174,7 +184,7 @@ def to_rgb8(img: Image.Image, name: str | Path, kind: str = "image") -> Image.Im
     """An image of any mode as 8-bit RGB, scaled by its real range: 16-bit and 32-bit integer pixels
     by 65535 (0..65535 -> 0..255), float pixels taken as [0, 1]; grayscale is replicated to 3
     channels, alpha dropped, CMYK, palette and bilevel images converted."""
-    if img.mode in ("RGB", "L", "P", "1", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+    if img.mode in _PIL_CONVERTIBLE:
         return img.convert("RGB")
     pixels = np.asarray(img)
     if img.mode == "F":

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from gaussad import __version__
 from gaussad.data import ImageSet
 from gaussad.errors import ModelFileError, NotFittedError
-from gaussad.features import image_batches, resolve_device
+from gaussad.features import image_batches
+from gaussad.networks import resolve_device
 from gaussad.model_folder import read_model_folder, write_model_folder
 from gaussad.validation import check_choice, check_number
 
@@ -61,6 +62,7 @@ class Detector:
     thresholds: dict[str, float]
     fit_info: dict  # what fitting measured (timings, image counts, ...), saved with the config
     device: torch.device
+    runtime: str | None  # of the backbone features (gaussad.features.RUNTIMES; None: the device's default)
     batch_size: int
     progress: bool
 
@@ -70,9 +72,11 @@ class Detector:
         check_choice(f"{cls.NAME} preset", preset, cls.PRESETS)
         return cls(**{**cls.PRESETS[preset], **overrides})
 
-    def _set_runtime(self, device, batch_size: int, progress: bool) -> None:
-        """How the detector runs (not what it is, so not saved): device, scoring batch, progress bars."""
+    def _set_runtime(self, device, batch_size: int, progress: bool, runtime: str | None = None) -> None:
+        """How the detector runs (not what it is, so not saved): device, feature runtime, scoring batch,
+        progress bars."""
         self.device = resolve_device(device)
+        self.runtime = runtime
         self.batch_size = check_number("batch_size", batch_size, int, 1)
         self.progress = progress
         self.thresholds, self.fit_info = {}, {}
@@ -158,7 +162,7 @@ class Detector:
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device | None = None, progress: bool = True,
-             batch_size: int = 16) -> "Detector":
+             batch_size: int = 16, runtime: str | None = None) -> "Detector":
         """Rebuild a saved model; its format, settings and tensor shapes are checked."""
         resolve_device(device)  # checked first: a bad device is the caller's error, not the folder's
         check_number("batch_size", batch_size, int, 1)
@@ -170,7 +174,7 @@ class Detector:
         if missing:
             raise ModelFileError(f"{config_path} lacks the key(s) {', '.join(missing)}")
         try:
-            model = cls._unfitted({key: saved[key] for key in cls.CONFIG_KEYS}, device, progress, batch_size)
+            model = cls._unfitted({key: saved[key] for key in cls.CONFIG_KEYS}, device, progress, batch_size, runtime)
         except (ValueError, TypeError) as err:  # a bad value, or a backbone timm does not know
             raise ModelFileError(f"{config_path}: {err}") from None
         model.thresholds = dict(saved.get("thresholds", {}))
@@ -179,9 +183,9 @@ class Detector:
         return model
 
     @classmethod
-    def _unfitted(cls, config: dict, device, progress: bool, batch_size: int) -> "Detector":
+    def _unfitted(cls, config: dict, device, progress: bool, batch_size: int, runtime: str | None) -> "Detector":
         """The detector a saved config describes, before its tensors are loaded."""
-        return cls(**config, device=device, progress=progress, batch_size=batch_size)
+        return cls(**config, device=device, progress=progress, batch_size=batch_size, runtime=runtime)
 
 
 def split_holdout(n_images: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:

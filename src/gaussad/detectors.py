@@ -29,7 +29,7 @@ def detector_class(model_type: str) -> type[Detector]:
 
 def load_model(directory: str | Path, **options) -> Detector:
     """Load a saved model of any type, as its config.json says; `options` are those of
-    Detector.load (device, progress, batch_size)."""
+    Detector.load (device, runtime, progress, batch_size)."""
     directory = Path(directory)
     model_type = read_model_type(directory)
     if model_type not in DETECTORS:
@@ -49,7 +49,7 @@ class ModelSpec:
     batch_size: int = 16
 
     def build(self, **runtime) -> Detector:
-        """The unfitted detector; `runtime`: device, progress."""
+        """The unfitted detector; `runtime`: device, runtime, progress."""
         return self.detector(**self.settings, batch_size=self.batch_size, **runtime)
 
 

@@ -40,3 +40,7 @@ class TrackingError(GaussadError, ConnectionError):
 
 class NotFittedError(GaussadError, RuntimeError):
     """A detector used (score, save) before it was fitted or loaded."""
+
+
+class RuntimeUnavailableError(GaussadError, RuntimeError):
+    """A feature runtime (ONNX Runtime) that cannot run this backbone here; the message names the way out."""

@@ -87,6 +87,7 @@ class GaussianAD(Detector):
         batch_size: int = 16,
         device: str | torch.device | None = None,
         progress: bool = True,
+        runtime: str | None = None,
     ):
         """image_score: `pooled` (the paper: Σ over `levels` of the distances of average-pooled
         features), `map-max` (the maximum of the anomaly map) or `combined` (both, each standardised
@@ -97,7 +98,7 @@ class GaussianAD(Detector):
         concatenated, one Gaussian per position; local_average: each position's pixel features
         averaged over its k×k neighbourhood first (odd k; 1: off); covariance: `ledoit-wolf` shrinkage
         or `ridge` (+ ridge·I, as PaDiM), in the axes the reduction keeps."""
-        self._set_runtime(device, batch_size, progress)
+        self._set_runtime(device, batch_size, progress, runtime)
         self.config = {
             "backbone": backbone,
             "weights": weights,
@@ -119,7 +120,9 @@ class GaussianAD(Detector):
         if self.config["local_average"] % 2 == 0:
             raise ValueError(f"local_average must be odd (a centred k×k window), got {local_average}")
         extracted = sorted(set(self.config["levels"]) | set(self.config["pixel_levels"]))
-        self.backbone = Backbone(backbone, weights, extracted, image_size, device=self.device, seed=seed)
+        self.backbone = Backbone(backbone, weights, extracted, image_size, device=self.device, seed=seed,
+                                 runtime=runtime)
+        self.runtime = self.backbone.runtime
         self.image_gaussians: dict[int, Gaussian] = {}  # on `levels`, unless the image score is map-max
         self.pixel_gaussians: dict[int, Gaussian] = {}  # on `pixel_levels`
         # mean and standard deviation of the held-out (pooled, map-max) scores, for `combined`

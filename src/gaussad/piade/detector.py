@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from gaussad.data import ImageSet, read_rgb
 from gaussad.detector import Detector, Scores, image_paths, split_holdout
 from gaussad.errors import ModelFileError, WeightsError
-from gaussad.features import LITE0_PACKAGE, seeded, to_tensor
+from gaussad.features import to_tensor
+from gaussad.networks import LITE0_PACKAGE, seeded
 from gaussad.output_folders import check_output_folder
 from gaussad.piade.loss import PerceptualFeatures, ReconstructionLoss
 from gaussad.piade.network import PiadeNet
@@ -92,11 +93,14 @@ class PiadeAD(Detector):
         device: str | torch.device | None = None,
         progress: bool = True,
         pretrained: bool = True,
+        runtime: str | None = None,
     ):
         """`pretrained` False leaves the networks' weights random (seeded) and touches no weight
-        source: for a saved state to replace (load)."""
+        source: for a saved state to replace (load). `runtime`: PIADE runs on torch only."""
         arguments = locals()
-        self._set_runtime(device, batch_size, progress)
+        if runtime not in (None, "torch"):
+            raise ValueError(f"runtime {runtime!r}: PIADE runs on torch only (onnxruntime is for the Gaussian detector)")
+        self._set_runtime(device, batch_size, progress, "torch")
         self.config = validated({key: arguments[key] for key in self.CONFIG_KEYS})
         self.amp = self.device.type == "cuda"
         c = self.config
@@ -193,9 +197,10 @@ class PiadeAD(Detector):
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     @classmethod
-    def _unfitted(cls, config: dict, device, progress: bool, batch_size: int) -> "PiadeAD":
+    def _unfitted(cls, config: dict, device, progress: bool, batch_size: int, runtime: str | None) -> "PiadeAD":
         try:
-            return cls(**config, device=device, progress=progress, batch_size=batch_size, pretrained=False)
+            return cls(**config, device=device, progress=progress, batch_size=batch_size, pretrained=False,
+                       runtime=runtime)
         except WeightsError as err:  # a backbone timm does not know: the folder's fault
             raise ValueError(str(err)) from None
 

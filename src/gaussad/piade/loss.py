@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaussad.features import add_normalization, architecture, build_model
+from gaussad.networks import add_normalization, architecture, build_model
 
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (K·L)² with data range L = 1

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaussad.features import add_normalization, architecture, build_model
+from gaussad.networks import add_normalization, architecture, build_model
 
 # Floats just below 1 are 6e-8 apart: capping the squash gain there keeps norms < 1 for any input.
 _MAX_SQUASH_GAIN = 1.0 - 2.0**-20

@@ -1,0 +1,98 @@
+"""The `onnxruntime` runtime: a network's levels exported once to ONNX, cached by content, run by
+ONNX Runtime (about 2.5x faster than torch on a CPU: it fuses the batch norms into the convolutions).
+
+The exported graph is a `LevelNetwork` at one image size (TF-style "same" padding is fixed by the
+size when traced), with any batch size. Its file is named by a key of everything that decides it
+(gaussad.networks.weights_identity: the bytes of the weights, or the hub name or seed with the timm
+and torch versions; the levels; the image size), under $GAUSSAD_ONNX_CACHE (default
+~/.cache/gaussad/onnx). A cached file is used without building the network (nor importing timm).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from gaussad.errors import RuntimeUnavailableError
+from gaussad.networks import LevelNetwork, identity_key, weights_identity
+
+EXPORT_FORMAT = 1  # bump when the exported graph changes for the same inputs
+OPSET = 17
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GAUSSAD_ONNX_CACHE") or Path.home() / ".cache" / "gaussad" / "onnx")
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def exported_network(name: str, weights: str, levels: Sequence[int], image_size: int, seed: int = 0) -> Path:
+    """The ONNX file of `LevelNetwork(name, weights, levels)` at `image_size`, exported on first use."""
+    identity = {**weights_identity(name, weights, seed), "levels": sorted(int(level) for level in levels),
+                "image_size": int(image_size), "export_format": EXPORT_FORMAT, "opset": OPSET}
+    path = cache_dir() / f"{name.replace('/', '_')}-{identity_key(identity)}.onnx"
+    if path.is_file():
+        return path
+    network = LevelNetwork(name, weights, levels, seed).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written beside its final name, then renamed: a reader never sees half a file, and two
+    # processes exporting at once each rename a whole one
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
+    os.close(handle)
+    try:
+        _export(network, image_size, Path(partial))
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return path
+
+
+def _export(network: LevelNetwork, image_size: int, path: Path) -> None:
+    example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))  # not the global RNG
+    outputs = [f"level_{level}" for level in network.levels]
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+            torch.onnx.export(network, (example,), str(path), dynamo=False, opset_version=OPSET,
+                              input_names=["images"], output_names=outputs,
+                              dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]})
+    except Exception as err:  # the exporter's errors come in many types
+        raise RuntimeUnavailableError(
+            f"cannot export the levels {list(network.levels)} of this backbone to ONNX "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+            f"use --runtime torch") from None
+
+
+class OnnxLevels:
+    """Runs an exported LevelNetwork: {level: [n, C, h, w] float32 torch tensor} of images in [0, 1].
+    One session, threads sized to the usable cores; calls from several threads at once are safe."""
+
+    def __init__(self, path: Path, levels: Sequence[int], image_size: int):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = usable_cores()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: it warns about every shape it infers otherwise
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:
+            raise RuntimeUnavailableError(f"ONNX Runtime cannot load {path} ({str(err).strip().splitlines()[0]}); "
+                                          f"delete it to export it again, or use --runtime torch") from None
+        self.levels, self.image_size = tuple(levels), int(image_size)
+
+    def __call__(self, images_nchw: torch.Tensor) -> dict[int, torch.Tensor]:
+        if tuple(images_nchw.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"images of shape {tuple(images_nchw.shape)}: the exported backbone takes "
+                             f"[n, 3, {self.image_size}, {self.image_size}]")
+        images = np.ascontiguousarray(images_nchw.detach().cpu().numpy(), dtype=np.float32)
+        outputs = self.session.run(None, {"images": images})
+        return {level: torch.from_numpy(feats) for level, feats in zip(self.levels, outputs)}
