@@ -7,7 +7,8 @@ Every tool runs in its own process, one after the other, so its wall time and pe
 
   * gaussad: the real command line, `gaussad fit DATA -c CAT -o M <flags>` then
     `gaussad evaluate M DATA -c CAT -o E` (two processes: wall = the sum, peak RSS = the larger);
-    a preset P gives the flags `--preset P`; `--config-name NAME "FLAGS"` any other flags;
+    a preset P gives the flags `--preset P`; `--config-name NAME "FLAGS"` any other flags (of them,
+    --runtime, --device and --batch-size go to evaluate too);
   * anomalib 2.x PaDiM / PatchCore: this script run with `--run-anomalib MODEL` in the interpreter of
     a separate virtualenv (`--anomalib-python`, default .venv-compare/bin/python), so that anomalib's
     pins never touch the project's environment. The backbone is timm `tf_efficientnet_lite0` built
@@ -132,6 +133,16 @@ def gaussad_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-c", "from gaussad.cli import main; main()"]
 
 
+def runtime_flags(flags: list[str]) -> list[str]:
+    """The flags of `flags` that say how a model runs (--runtime, --device, --batch-size), which
+    evaluate takes too: a configuration runs the same way in both processes."""
+    taken = []
+    for flag, value in zip(flags, flags[1:]):
+        if flag in ("--runtime", "--device", "--batch-size"):
+            taken += [flag, value]
+    return taken
+
+
 def run_gaussad(name: str, flags: list[str], data: Path, category: str, work: Path, env: dict) -> dict:
     model, evaluation = work / f"gaussad-{name}-model", work / f"gaussad-{name}-eval"
     base = gaussad_command()
@@ -140,8 +151,8 @@ def run_gaussad(name: str, flags: list[str], data: Path, category: str, work: Pa
     if fit["returncode"] != 0:
         return {"tool": "gaussad", "config": name, "flags": shlex.join(flags), "fit": fit,
                 "error": f"gaussad fit failed:\n{_tail(fit['log'])}"}
-    ev = run_measured([*base, "evaluate", str(model), str(data), "-c", category, "-o", str(evaluation), "--quiet"],
-                      work / f"gaussad-{name}-evaluate.log", env)
+    ev = run_measured([*base, "evaluate", str(model), str(data), "-c", category, "-o", str(evaluation), "--quiet",
+                       *runtime_flags(flags)], work / f"gaussad-{name}-evaluate.log", env)
     row = {"tool": "gaussad", "config": name, "flags": shlex.join(flags), "fit": fit, "evaluate": ev,
            "wall_s": round(fit["wall_s"] + ev["wall_s"], 2),
            "peak_rss_mb": max(fit["peak_rss_mb"], ev["peak_rss_mb"]),
@@ -156,7 +167,12 @@ def run_gaussad(name: str, flags: list[str], data: Path, category: str, work: Pa
                aupro=metrics.get("aupro"), n_test_images=metrics.get("n_test_images"),
                settings={k: config.get(k) for k in ("backbone", "weights", "levels", "pixel_levels", "image_size",
                                                     "reduction", "variance", "spatial", "image_score",
-                                                    "smoothing") if k in config})
+                                                    "smoothing") if k in config},
+               # inside the processes: train features (decode + forward), Gaussians + held-out thresholds,
+               # test scoring (decode + forward + distances); the rest of the wall time is start-up,
+               # validation, saving, metrics and plots
+               stage_seconds={"extract_train": config.get("extract_seconds"), "fit": config.get("fit_seconds"),
+                              "score_test": metrics.get("score_seconds")})
     return row
 
 
@@ -369,7 +385,8 @@ def markdown(report: dict) -> str:
         if r["tool"] == "gaussad" and "evaluate" in r:
             lines.append(f"- gaussad {r['config']}: fit {r['fit']['wall_s']} s ({_fmt(r['fit']['peak_rss_mb'], 0)} MB), "
                          f"evaluate {r['evaluate']['wall_s']} s ({_fmt(r['evaluate']['peak_rss_mb'], 0)} MB); "
-                         f"model folder {r.get('model_folder_mb')} MB; settings {json.dumps(r.get('settings'))}")
+                         f"model folder {r.get('model_folder_mb')} MB; stages (s) {json.dumps(r.get('stage_seconds'))}; "
+                         f"settings {json.dumps(r.get('settings'))}")
         elif "phase_seconds" in r:
             p = r["phase_seconds"]
             lines.append(f"- {r['tool']} {r['anomalib_version']}: imports+setup {p['imports_and_setup']} s, "

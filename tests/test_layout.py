@@ -37,6 +37,7 @@ LAYERS = [
     "gaussad.piade.detector",
     "gaussad.piade",
     "gaussad.detectors",  # the table of detectors by model type
+    "gaussad.export",  # a fitted GaussianAD as one ONNX graph, and its runner
     "gaussad.model",  # kept for registered models' pyfunc code
     "gaussad.evaluate",
     "gaussad.pyfunc_model",
@@ -49,6 +50,7 @@ LAYERS = [
     "flows.train",
     "flows.promote",
     "flows.retrain",
+    "gaussad.cli_arguments",  # the flags that describe a model and how it runs
     "gaussad.cli",
 ]
 

@@ -3,6 +3,8 @@
 A user error (bad path, unreadable image, missing mask, unknown category, unloadable weights, bad
 model folder, an output path holding files gaussad did not write) ends in one line
 `gaussad: error: ...` and exit code 2, never a traceback.
+The evaluation stack (scikit-learn, matplotlib, pandas: seconds of imports) is imported inside the
+commands that use it, so that `gaussad fit` and `gaussad export` start without it.
 """
 
 from __future__ import annotations
@@ -15,19 +17,18 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import yaml
 from PIL import Image
 
 from gaussad.data import IMAGE_SUFFIXES, ImageSet, list_categories, load_category, read_rgb, validate_images
 from gaussad.demo import DEMO_CATEGORIES, write_demo_dataset
-from gaussad.evaluate import TEST_METRICS, evaluate
+from gaussad.cli_arguments import (add_dataset_arguments, add_model_arguments, add_runtime_arguments,
+                                   model_from_arguments, runtime_options)
 from gaussad.errors import GaussadError
-from gaussad.features import RUNTIMES
 from gaussad.detector import Detector
-from gaussad.detectors import DEFAULT_MODEL_TYPE, DETECTORS, detector_class, load_model, model_spec
+from gaussad.detectors import load_model
+from gaussad.export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportedDetector, export_onnx
+from gaussad.validation import check_choice
 from gaussad.output_folders import check_model_destination, check_output_folder, claim_output_folder
-from gaussad.plots import save_overlay
 
 # OSError: missing files, permissions, a full disk, an unreachable tracking server
 USER_ERRORS = (GaussadError, ValueError, OSError)
@@ -60,27 +61,34 @@ def _parser() -> argparse.ArgumentParser:
     demo_data.set_defaults(run=_demo_data)
 
     fit = commands.add_parser("fit", help="fit a model on a category's train/good images")
-    _add_dataset_arguments(fit)
+    add_dataset_arguments(fit)
     fit.add_argument("-o", "--model", type=Path, required=True, help="model folder to write")
-    _add_model_arguments(fit)
+    add_model_arguments(fit)
     fit.set_defaults(run=_fit)
 
     ev = commands.add_parser("evaluate", help="score a category's test split; write metrics and pictures")
     ev.add_argument("model", type=Path, help="model folder written by `gaussad fit`")
-    _add_dataset_arguments(ev)
+    add_dataset_arguments(ev)
     ev.add_argument("-o", "--out", type=Path, required=True, help="folder for metrics.json, scores.csv, plots")
     ev.add_argument("--overlays", type=int, default=8, help="heat-map overlays to draw (default 8)")
-    _add_runtime_arguments(ev)
+    add_runtime_arguments(ev)
     ev.set_defaults(run=_evaluate)
 
     predict = commands.add_parser("predict", help="score images (files or folders) with a fitted model")
-    predict.add_argument("model", type=Path)
+    predict.add_argument("model", type=Path, help="model folder, or an ONNX file written by `gaussad export`")
     predict.add_argument("images", type=Path, nargs="+")
     predict.add_argument("-o", "--out", type=Path, default=Path("predictions"), help="folder for overlays + CSV")
     predict.add_argument("--threshold", help="a number, or a threshold name in the model's config "
                                              "(default: image_f1_optimal if evaluated, else image_normal_quantile)")
-    _add_runtime_arguments(predict)
+    add_runtime_arguments(predict)
     predict.set_defaults(run=_predict)
+
+    export = commands.add_parser("export", help="write a fitted Gaussian model as one ONNX graph (image -> score, map) "
+                                                "that `predict` runs; checked to score as the model does")
+    export.add_argument("model", type=Path, help="model folder written by `gaussad fit`")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("-o", "--output", type=Path, help="the file to write (default: MODEL.onnx beside the folder)")
+    export.set_defaults(run=_export)
 
     serve = commands.add_parser("serve", help="retrain on a cron schedule as a Prefect deployment (needs a server)")
     serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
@@ -100,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     promote = commands.add_parser("promote", help="make a registered model's challenger the champion if it is "
                                                   "at least as good on the same test data")
     promote.add_argument("names", nargs="+", help="registered models, e.g. gaussad-mvtec-bottle")
-    promote.add_argument("--metric", default="image_auroc", choices=TEST_METRICS)
+    promote.add_argument("--metric", default="image_auroc",
+                         help="the test metric compared: image_auroc (default), pixel_auroc, aupro, f1, balanced_accuracy")
     promote.add_argument("--data", type=Path, help="dataset root to compare on (default: the challenger's)")
     promote.add_argument("--force", action="store_true", help="promote whatever the comparison says")
     promote.set_defaults(run=_promote)
@@ -108,120 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="demo data -> fit and evaluate every category -> results table")
     demo.add_argument("--data", type=Path, default=Path("data"), help="dataset root; the demo data is written there if it is missing or empty (default data/, the folder data.dvc tracks)")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    _add_model_arguments(demo, default_preset="lite0")
+    add_model_arguments(demo, default_preset="lite0")
     demo.set_defaults(run=_demo)
     return parser
-
-
-def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", type=Path, help="dataset root (MVTec AD layout) or one category's folder")
-    parser.add_argument("-c", "--category", help="category name (not needed when DATA is a category folder)")
-
-
-def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, help="scoring batch (default 16)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--runtime", choices=RUNTIMES,
-                        help="how the backbone runs (default: onnxruntime on a CPU, torch on a GPU)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-# The flags of one model type only, by type: (flag, argparse options). A flag's name is its setting's
-# (--image-size: image_size), and it is refused with another model type.
-MODEL_TYPE_FLAGS = {
-    "gaussian": [
-        ("--levels", dict(type=int, nargs="+", help="feature levels (paper: 3 4 5 6 7)")),
-        ("--reduction", dict(choices=("npca", "pca", "none"), help="default npca")),
-        ("--variance", dict(type=float, help="variance fraction kept (default 0.05)")),
-        ("--spatial", dict(choices=("shared", "per-location", "stacked"),
-                           help="one Gaussian per level shared by all positions (default), one per position, "
-                                "or the pixel levels stacked at the finest one, one per position")),
-        ("--local-average", dict(type=int, help="average pixel features over k×k first (odd k; default 1: off)")),
-        ("--covariance", dict(choices=("ledoit-wolf", "ridge"), help="default ledoit-wolf")),
-        ("--ridge", dict(type=float, help="ε of --covariance ridge (Σ + εI; default 0.01)")),
-        ("--image-score", dict(choices=("pooled", "map-max", "combined"),
-                               help="pooled features (the paper), the map's maximum, or both standardised")),
-        ("--pixel-levels", dict(type=int, nargs="+", help="levels of the anomaly map (default: --levels)")),
-        ("--smoothing", dict(type=float, help="σ in pixels of the map's Gaussian smoothing (0: none)")),
-    ],
-    "piade": [
-        ("--epochs", dict(type=int)),
-        ("--train-batch-size", dict(type=int)),
-        ("--learning-rate", dict(type=float)),
-        ("--lambda-perceptual", dict(type=float, help="weight of the perceptual term (0: off)")),
-        ("--lambda-ssim", dict(type=float, help="weight of the SSIM term (0: off)")),
-        ("--early-stopping-patience", dict(type=int, help="epochs without improvement before stopping")),
-        ("--checkpoint-dir", dict(type=Path, help="checkpoint every epoch here; a rerun resumes from it")),
-    ],
-}
-FIT_FLAGS = ("holdout", "checkpoint_dir")  # arguments of fit(), not of the detector
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
-    parser.set_defaults(default_preset=default_preset)
-    parser.add_argument("--config", type=Path, help="a params.yaml: its model_type and that type's block "
-                                                    "(flags given here override it)")
-    parser.add_argument("--model-type", choices=DETECTORS,
-                        help="gaussian (default: Gaussians of pretrained features) or piade (a reconstruction network)")
-    presets = sorted({name for detector in DETECTORS.values() for name in detector.PRESETS})
-    parser.add_argument("--preset", choices=presets,
-                        help=f"backbone, weights, levels and size together (default {default_preset}, or the "
-                             "--config block's); 'lite0' works offline")
-    parser.add_argument("--backbone", help="timm model name, overrides the preset")
-    parser.add_argument("--weights", help="timm | file:<path> | package:efficientnet-lite0 | none")
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--holdout", type=float, help="train fraction held out for thresholds (default 0.1)")
-    parser.add_argument("--seed", type=int)
-    for model_type, flags in MODEL_TYPE_FLAGS.items():
-        group = parser.add_argument_group(f"{DETECTORS[model_type].NAME} only (--model-type {model_type})")
-        for flag, options in flags:
-            group.add_argument(flag, **options)
-    _add_runtime_arguments(parser)
-
-
-def _runtime(args: argparse.Namespace) -> dict:
-    """How a loaded model runs: device, feature runtime, progress bars, scoring batch."""
-    return {"device": args.device, "runtime": args.runtime, "progress": not args.quiet,
-            "batch_size": 16 if args.batch_size is None else args.batch_size}
-
-
-def _model_from_arguments(args: argparse.Namespace) -> tuple[Detector, dict]:
-    """The unfitted detector the flags (over --config, over the preset) describe, and fit()'s options."""
-    params = _read_config(args.config) if args.config else {}
-    params["model_type"] = args.model_type or params.get("model_type", DEFAULT_MODEL_TYPE)
-    for model_type, flags in MODEL_TYPE_FLAGS.items():
-        given = [flag for flag, _ in flags if getattr(args, _dest(flag)) is not None]
-        if model_type != params["model_type"] and given:
-            raise ValueError(f"{given[0]} applies to --model-type {model_type}, not {params['model_type']}")
-    detector = detector_class(params["model_type"])
-    has_block = bool(params.get(detector.PARAMS_BLOCK))
-    preset = args.preset or (None if has_block else args.default_preset)
-    spec = model_spec(params, str(args.config or "the command line"), preset)
-    flags = [("--backbone", None), ("--weights", None), ("--image-size", None), ("--seed", None),
-             *MODEL_TYPE_FLAGS[params["model_type"]]]
-    for flag, _ in flags:
-        if getattr(args, _dest(flag)) is not None and _dest(flag) not in FIT_FLAGS:
-            spec.settings[_dest(flag)] = getattr(args, _dest(flag))
-    spec.holdout = args.holdout if args.holdout is not None else spec.holdout
-    spec.batch_size = args.batch_size if args.batch_size is not None else spec.batch_size
-    fit_options = {"holdout": spec.holdout}
-    if getattr(args, "checkpoint_dir", None) is not None:
-        fit_options["checkpoint_dir"] = args.checkpoint_dir
-    return spec.build(device=args.device, runtime=args.runtime, progress=not args.quiet), fit_options
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path} holds no settings (a YAML mapping like params.yaml)")
-    return params
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
 
 
 def _category(args: argparse.Namespace):
@@ -242,7 +140,7 @@ def _demo_data(args: argparse.Namespace) -> None:
 def _fit(args: argparse.Namespace) -> None:
     check_model_destination(args.model)  # a user's folder or file is never replaced
     category = _category(args)  # validated before any compute
-    model, fit_options = _model_from_arguments(args)
+    model, fit_options = model_from_arguments(args)
     model.fit(category.train, **fit_options)
     model.save(args.model)
     print(f"fitted {category.name} on {model.fit_info['n_train_images']} images -> {args.model}")
@@ -251,17 +149,32 @@ def _fit(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     check_output_folder(args.out, "evaluation")  # evaluate() creates it once the inputs are valid
     category = _category(args)  # validated before the model is even loaded
-    model = load_model(args.model, **_runtime(args))
+    model = load_model(args.model, **runtime_options(args))
     check_model_destination(args.model)  # evaluate saves the thresholds back into the model folder
+    from gaussad.evaluate import evaluate
+
     metrics = evaluate(model, category, args.out, args.overlays)
     model.save(args.model)  # now with the thresholds calibrated on labelled test data
-    print(_format_table(pd.DataFrame([_summary_row(metrics)])))
+    print(_format_table([_summary_row(metrics)]))
     print(f"outputs in {args.out}; decision threshold {model.decision_threshold:.4g} saved in {args.model}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    output = args.output or args.model.with_name(f"{args.model.name}.onnx")
+    model = load_model(args.model, device="cpu", runtime="torch", progress=False)
+    export_onnx(model, output)
+    print(f"exported {args.model} -> {output} (scores as the model within {SCORE_TOLERANCE:g}, maps within "
+          f"{MAP_TOLERANCE:g}); run it with `gaussad predict {output} IMAGES`")
+
+
 def _predict(args: argparse.Namespace) -> None:
+    from gaussad.plots import save_overlay
+
     check_output_folder(args.out, "predictions")
-    model = load_model(args.model, **_runtime(args))
+    if args.model.suffix == ".onnx":
+        model = ExportedDetector.load(args.model, **runtime_options(args))
+    else:
+        model = load_model(args.model, **runtime_options(args))
     images = ImageSet.from_paths(_expand_image_arguments(args.images))
     validate_images(images)
     threshold = _threshold(model, args.threshold)
@@ -275,6 +188,7 @@ def _predict(args: argparse.Namespace) -> None:
         save_overlay(np.asarray(read_rgb(path)), anomaly_map, overlay, f"{path.name}: {label} ({score:.2f})",
                      vmin, vmax, threshold=model.thresholds["pixel_normal_quantile"])
         rows.append({"path": str(path), "score": float(score), "label": label, "overlay": str(overlay)})
+    pd = _pandas()
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "predictions.csv", index=False)
     print(_format_table(table[["path", "score", "label"]]))
@@ -327,8 +241,11 @@ def _log(args: argparse.Namespace) -> None:
 
 def _promote(args: argparse.Namespace) -> None:
     _require("mlflow", "tracking", "promote")
+    from gaussad.evaluate import TEST_METRICS
     from gaussad.registry import promote
     from gaussad.tracking import tracking_uri
+
+    check_choice("--metric", args.metric, TEST_METRICS)
 
     for name in args.names:
         decision = promote(name, args.metric, str(args.data) if args.data else None, args.force, tracking_uri())
@@ -348,6 +265,9 @@ def _require(module: str, extra: str, command: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from gaussad.evaluate import evaluate
+
+    pd = _pandas()
     claim_output_folder(args.out, "demo")  # before the demo data is written, so a bad --out costs nothing
     if not args.data.is_dir() or not any(args.data.iterdir()):
         write_demo_dataset(args.data)
@@ -356,7 +276,7 @@ def _demo(args: argparse.Namespace) -> None:
     for number, name in enumerate(names, 1):
         print(f"[{number}/{len(names)}] {name}", flush=True)
         category = load_category(args.data, name)
-        model, fit_options = _model_from_arguments(args)
+        model, fit_options = model_from_arguments(args)
         start = time.perf_counter()
         model.fit(category.train, **fit_options)
         fit_seconds = time.perf_counter() - start
@@ -386,8 +306,16 @@ def _summary_row(metrics: dict) -> dict:
     }
 
 
-def _format_table(table: pd.DataFrame) -> str:
-    return table.to_string(index=False)
+def _format_table(table) -> str:
+    """A DataFrame, or a list of rows, as a plain text table."""
+    return (table if hasattr(table, "to_string") else _pandas().DataFrame(table)).to_string(index=False)
+
+
+def _pandas():
+    """pandas, imported by the commands that print tables (see the module docstring)."""
+    import pandas
+
+    return pandas
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ class Backbone:
         if self.runtime == "onnxruntime":
             self.network = None
             path = exported_network(name, weights, self.levels, self.image_size, seed)
-            self._onnx = OnnxLevels(path, self.levels, self.image_size)
+            self._onnx = OnnxLevels(path, self.levels)
         else:
             # channels_last: 2.3x faster convolutions on this CPU (36 -> 16 ms per 224 px Lite0 image, up to level 5)
             self.network = LevelNetwork(name, weights, self.levels, seed).eval()

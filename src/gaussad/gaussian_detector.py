@@ -234,17 +234,25 @@ class GaussianAD(Detector):
         """Scores from {level: [n, C, h, w]} features: ([n] image scores, [n, S, S] maps)."""
         return self._scores(*self._score_parts(feats))
 
+    def score_tensors(self, feats: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """score_features in torch, on the device: ([n] float64 image scores, [n, S, S] float32 maps).
+        All torch operations, so gaussad.export can trace it into one graph with the backbone."""
+        pooled, pixel_map = self._score_parts(feats)
+        return self._image_scores(pooled, pixel_map), pixel_map
+
     def _scores(self, pooled: torch.Tensor | None, pixel_map: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(image scores, maps) as numpy from the parts: the image score the config asks for."""
+        """(image scores, maps) as numpy from the parts."""
+        return self._image_scores(pooled, pixel_map).cpu().numpy(), pixel_map.cpu().numpy()
+
+    def _image_scores(self, pooled: torch.Tensor | None, pixel_map: torch.Tensor) -> torch.Tensor:
+        """[n] float64: the image score the config asks for, from the parts."""
         peak = pixel_map.flatten(1).amax(1).double()
         if self.config["image_score"] == "pooled":
-            image_score = pooled
-        elif self.config["image_score"] == "map-max":
-            image_score = peak
-        else:  # combined: each part in units of the normal images' spread
-            scale = self.score_scale.to(peak.device)
-            image_score = (pooled - scale[0, 0]) / scale[0, 1] + (peak - scale[1, 0]) / scale[1, 1]
-        return image_score.cpu().numpy(), pixel_map.cpu().numpy()
+            return pooled
+        if self.config["image_score"] == "map-max":
+            return peak
+        scale = self.score_scale.to(peak.device)  # combined: each part in units of the normal images' spread
+        return (pooled - scale[0, 0]) / scale[0, 1] + (peak - scale[1, 0]) / scale[1, 1]
 
     def _score_parts(self, feats: dict[int, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """([n] Σ over levels of the pooled features' distances, or None for map-max; [n, S, S] the

@@ -75,11 +75,11 @@ def _export(network: LevelNetwork, image_size: int, path: Path) -> None:
             f"use --runtime torch") from None
 
 
-class OnnxLevels:
-    """Runs an exported LevelNetwork: {level: [n, C, h, w] float32 torch tensor} of images in [0, 1].
-    One session, threads sized to the usable cores; calls from several threads at once are safe."""
+class OnnxSession:
+    """An ONNX graph taking `images` [n, 3, S, S] on ONNX Runtime's CPU provider, in runs of at most
+    RUN_IMAGES images, threads sized to the usable cores. Calls from several threads at once are safe."""
 
-    def __init__(self, path: Path, levels: Sequence[int], image_size: int):
+    def __init__(self, path: str | Path):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -93,14 +93,28 @@ class OnnxLevels:
         except Exception as err:
             raise RuntimeUnavailableError(f"ONNX Runtime cannot load {path} ({str(err).strip().splitlines()[0]}); "
                                           f"delete it to export it again, or use --runtime torch") from None
-        self.levels, self.image_size = tuple(levels), int(image_size)
+        shape = self.session.get_inputs()[0].shape
+        self.image_size = shape[-1] if isinstance(shape[-1], int) else None
 
-    def __call__(self, images_nchw: torch.Tensor) -> dict[int, torch.Tensor]:
-        if tuple(images_nchw.shape[1:]) != (3, self.image_size, self.image_size):
-            raise ValueError(f"images of shape {tuple(images_nchw.shape)}: the exported backbone takes "
+    def run(self, images_nchw: torch.Tensor) -> list[np.ndarray]:
+        """The graph's outputs for a batch, in the graph's order."""
+        if self.image_size and tuple(images_nchw.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"images of shape {tuple(images_nchw.shape)}: the exported graph takes "
                              f"[n, 3, {self.image_size}, {self.image_size}]")
         images = np.ascontiguousarray(images_nchw.detach().cpu().numpy(), dtype=np.float32)
         runs = [self.session.run(None, {"images": images[start:start + RUN_IMAGES]})
                 for start in range(0, len(images), RUN_IMAGES)]
-        return {level: torch.from_numpy(np.concatenate([outputs[i] for outputs in runs]))
-                for i, level in enumerate(self.levels)}
+        return [np.concatenate([outputs[i] for outputs in runs]) for i in range(len(runs[0]))]
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+
+class OnnxLevels:
+    """Runs an exported LevelNetwork: {level: [n, C, h, w] float32 torch tensor} of images in [0, 1]."""
+
+    def __init__(self, path: Path, levels: Sequence[int]):
+        self.session, self.levels = OnnxSession(path), tuple(levels)
+
+    def __call__(self, images_nchw: torch.Tensor) -> dict[int, torch.Tensor]:
+        return {level: torch.from_numpy(feats) for level, feats in zip(self.levels, self.session.run(images_nchw))}

@@ -111,7 +111,8 @@ def save_overlay(
     if mask is not None and np.shape(mask) != (height, width):
         raise ValueError(f"mask shape {np.shape(mask)} differs from image size {(height, width)}")
     n_panels = 2 if mask is None and threshold is None else 3
-    figure = Figure(figsize=(4 * n_panels, 4.4), dpi=100, layout="constrained")
+    # "tight", not "constrained": the same picture, drawn in 2/3 of the time (evaluate draws several)
+    figure = Figure(figsize=(4 * n_panels, 4.4), dpi=100, layout="tight")
     panels = figure.subplots(1, n_panels)
     for axes in panels:
         axes.imshow(rgb)
