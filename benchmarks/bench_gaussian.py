@@ -65,12 +65,6 @@ def anon_rss_bytes() -> int | None:
     return None
 
 
-def children_max_rss_bytes() -> int:
-    """The largest peak RSS of any ended child process (torch starts one at import)."""
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -132,7 +126,7 @@ def run_worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     base_rss, base_anon = max_rss_bytes(), anon_rss_bytes()
     base_cuda = torch.cuda.memory_allocated() if cuda else None
-    base_children, base_cpu, load = children_max_rss_bytes(), cpu_seconds(), os.getloadavg()[0]
+    base_cpu, load = cpu_seconds(), os.getloadavg()[0]
 
     result: dict = {}
     with AnonPeakSampler() as sampler:
@@ -148,7 +142,7 @@ def run_worker(args: argparse.Namespace) -> None:
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    peak_rss, cpu, children = max_rss_bytes(), cpu_seconds() - base_cpu, children_max_rss_bytes()
+    peak_rss, cpu = max_rss_bytes(), cpu_seconds() - base_cpu
 
     result.update(
         seconds=seconds,
@@ -163,9 +157,6 @@ def run_worker(args: argparse.Namespace) -> None:
         cuda_peak_mb=torch.cuda.max_memory_allocated() / MB if cuda else None,
         cuda_increase_mb=(torch.cuda.max_memory_allocated() - base_cuda) / MB if cuda else None,
         torch_threads=torch.get_num_threads(),
-        # DataLoader worker processes (used on CUDA) are children, not in ru_maxrss above: the largest
-        # child's peak, if a child ended during the stage with a larger peak than any before it
-        children_peak_rss_mb=children / MB if children > base_children else None,
     )
     if stage == "extract":
         store = Path(job["store_dir"])
