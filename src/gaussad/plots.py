@@ -111,8 +111,10 @@ def save_overlay(
     if mask is not None and np.shape(mask) != (height, width):
         raise ValueError(f"mask shape {np.shape(mask)} differs from image size {(height, width)}")
     n_panels = 2 if mask is None and threshold is None else 3
-    # "tight", not "constrained": the same picture, drawn in 2/3 of the time (evaluate draws several)
-    figure = Figure(figsize=(4 * n_panels, 4.4), dpi=100, layout="tight")
+    # margins set by hand: a layout engine ("constrained", "tight") measures every text first, which
+    # takes longer than drawing the whole figure (0.44 s against 0.25 s; evaluate draws several)
+    figure = Figure(figsize=(4 * n_panels, 4.4), dpi=100)
+    figure.subplots_adjust(left=0.01, right=0.99 if n_panels == 3 else 0.94, bottom=0.01, top=0.88, wspace=0.06)
     panels = figure.subplots(1, n_panels)
     for axes in panels:
         axes.imshow(rgb)
