@@ -213,7 +213,7 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
     failures: dict[str, str] = {}
     for name in names:
         try:
-            category = load_category(dataset_root, name)  # decodes every file: a corrupt one fails here
+            category = load_category(dataset_root, name)  # checks every file: a truncated PNG fails here
         except DatasetError as err:
             failures[name] = str(err)
             logger.error("category %s failed: %s", name, err)

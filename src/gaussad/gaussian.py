@@ -43,7 +43,9 @@ class Gaussian:
         """Distances of x [n, G, D] to each group's Gaussian -> [n, G]: centred in float64, projected
         in the projection's precision (float32 for per-position Gaussians), weighted in float64."""
         centred = (x.to(self.mean.device, torch.float64) - self.mean).to(self.projection.dtype)
-        z = torch.einsum("ngd,gdk->ngk", centred, self.projection)  # no [G, D, k] temporary
+        # one matrix product per group, [G, n, D] @ [G, D, k]: no [G, D, k] temporary, and an exported
+        # graph gets a batched MatMul (ONNX Runtime's Einsum is 3x slower)
+        z = torch.matmul(centred.transpose(0, 1), self.projection).transpose(0, 1)
         return (z.double().square() * self.precision).sum(-1).sqrt()
 
 
