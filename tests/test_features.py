@@ -335,6 +335,14 @@ def test_a_damaged_export_in_the_cache_is_one_clear_error(tmp_path, monkeypatch)
                        torch.zeros(2, 16, 32, 32, dtype=torch.bool))  # the way out works
 
 
+def test_an_export_cache_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("GAUSSAD_ONNX_CACHE", str(tmp_path / "file" / "onnx"))
+    with pytest.raises(RuntimeUnavailableError, match="GAUSSAD_ONNX_CACHE.*--runtime torch") as info:
+        cpu_backbone(LITE0, "none", levels=(1,))
+    assert str(tmp_path / "file" / "onnx") in str(info.value)
+
+
 def test_the_runtime_choice():
     assert resolve_runtime(None, torch.device("cpu")) == "onnxruntime"
     assert resolve_runtime(None, torch.device("cuda")) == "torch"

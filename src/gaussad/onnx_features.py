@@ -6,6 +6,7 @@ size when traced), with any batch size. Its file is named by a key of everything
 (gaussad.networks.weights_identity: the bytes of the weights, or the hub name or seed with the timm
 and torch versions; the levels; the image size), under $GAUSSAD_ONNX_CACHE (default
 ~/.cache/gaussad/onnx). A cached file is used without building the network (nor importing timm).
+`OnnxSession` runs any graph taking images, this one or a whole exported detector (gaussad.export).
 """
 
 from __future__ import annotations
@@ -45,10 +46,15 @@ def exported_network(name: str, weights: str, levels: Sequence[int], image_size:
     if path.is_file():
         return path
     network = LevelNetwork(name, weights, levels, seed).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
     # written beside its final name, then renamed: a reader never sees half a file, and two
     # processes exporting at once each rename a whole one
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
+    except OSError as err:
+        raise RuntimeUnavailableError(f"cannot write the ONNX export cache {path.parent} ({err.strerror or err}): "
+                                      f"set GAUSSAD_ONNX_CACHE to a folder you can write, or use --runtime torch"
+                                      ) from None
     os.close(handle)
     try:
         _export(network, image_size, Path(partial))
