@@ -80,6 +80,13 @@ def test_export_and_predict_from_the_command_line(fitted, demo_root, tmp_path, c
     np.testing.assert_allclose(got.score, want.score, rtol=1e-4)
 
 
+def test_evaluate_refuses_an_exported_file(fitted, demo_root, tmp_path, capsys):
+    folder, _ = fitted["lite0"]
+    exported = export_onnx(GaussianAD.load(folder, device="cpu", progress=False), tmp_path / "m.onnx")
+    assert main(["evaluate", str(exported), str(demo_root), "-c", "weave", "-o", str(tmp_path / "out")]) == 2
+    assert "model folder" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_export_default_path_is_beside_the_folder(fitted, tmp_path, capsys):
     folder, _ = fitted["paper-lite0"]
     copy = tmp_path / "bottle"

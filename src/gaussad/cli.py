@@ -148,6 +148,9 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    if args.model.suffix == ".onnx":
+        raise ValueError(f"evaluate takes a model folder, not an exported file ({args.model}): it saves the "
+                         f"thresholds it calibrates into the folder; evaluate that, then export it again")
     check_output_folder(args.out, "evaluation")  # evaluate() creates it once the inputs are valid
     category = _category(args)  # validated before the model is even loaded
     model = load_model(args.model, **runtime_options(args))
