@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                                                   "at least as good on the same test data")
     promote.add_argument("names", nargs="+", help="registered models, e.g. gaussad-mvtec-bottle")
     promote.add_argument("--metric", default="image_auroc",
-                         help="the test metric compared: image_auroc (default), pixel_auroc, aupro, f1, balanced_accuracy")
+                         help="the test metric compared (default image_auroc); another name is refused with the list")
     promote.add_argument("--data", type=Path, help="dataset root to compare on (default: the challenger's)")
     promote.add_argument("--force", action="store_true", help="promote whatever the comparison says")
     promote.set_defaults(run=_promote)

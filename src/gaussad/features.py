@@ -33,14 +33,10 @@ RUNTIMES = ("torch", "onnxruntime")
 PREFETCH_BATCHES = 2  # batches decoded ahead of the one the network is on
 
 
-def default_runtime(device: torch.device) -> str:
-    return "onnxruntime" if device.type == "cpu" else "torch"
-
-
 def resolve_runtime(runtime: str | None, device: torch.device) -> str:
-    """`runtime` checked against the device (None: the default for the device)."""
+    """`runtime` checked against the device (None: onnxruntime on a CPU, torch on a GPU)."""
     if runtime is None:
-        return default_runtime(device)
+        return "onnxruntime" if device.type == "cpu" else "torch"
     check_choice("runtime", runtime, RUNTIMES)
     if runtime == "onnxruntime" and device.type != "cpu":
         raise ValueError(f"runtime onnxruntime runs on the CPU here, not on {device}: use --runtime torch")
