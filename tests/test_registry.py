@@ -153,14 +153,20 @@ def test_champion_as_pyfunc_scores_paths_bytes_and_arrays_as_the_library_does(ml
         champion.predict(pd.DataFrame({"image": [b"not an image"]}))
 
 
-def test_mlflow_models_serve_scores_a_posted_image(mlflow_server, registry, tmp_path):
+@pytest.mark.parametrize("scored_by", ["folder", "exported"])
+def test_mlflow_models_serve_scores_a_posted_image(mlflow_server, registry, tmp_path, request, scored_by):
+    """The champion (scored by its model folder), and a version registered with its exported graph."""
     path = load_category(registry["data"], CATEGORY).test.paths[-1]
-    expected = GaussianAD.load(registry["folders"][2] / CATEGORY / "model", progress=False).score([path]).image[0]
+    if scored_by == "folder":
+        uri, model_dir, tolerance = f"models:/{NAME}@champion", registry["folders"][2] / CATEGORY / "model", 1e-5
+    else:
+        (uri, model_dir), tolerance = request.getfixturevalue("exported_version"), 1e-4
+    expected = GaussianAD.load(model_dir, progress=False).score([path]).image[0]
     port = free_port()
     bin_dir = Path(sys.executable).parent  # mlflow runs `uvicorn` from PATH, as in an activated venv
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+        [str(bin_dir / "mlflow"), "models", "serve", "-m", uri,
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -174,7 +180,7 @@ def test_mlflow_models_serve_scores_a_posted_image(mlflow_server, registry, tmp_
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             prediction = json.loads(response.read())["predictions"][0]
-        assert prediction["score"] == pytest.approx(expected, rel=1e-5)
+        assert prediction["score"] == pytest.approx(expected, rel=tolerance)
         assert prediction["label"] in ("anomalous", "normal") and "map" not in prediction
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -216,3 +222,43 @@ def test_mlflow_ui_shows_the_runs_and_the_registered_model(mlflow_server, regist
         assert pixels.shape == (1300, 1800) and pixels.std() > 10  # rendered, not a blank page
         if os.environ.get("GAUSSAD_DOCS_SCREENSHOTS"):
             shutil.copy(png, Path(__file__).parents[1] / "docs" / "img" / png.name)
+
+
+
+@pytest.fixture(scope="module")
+def exported_version(mlflow_server, registry, tmp_path_factory) -> tuple[str, Path]:
+    """The pretrained model's run folder logged again with `export_onnx`, as a registered model of its
+    own (apart from the promotion tests'): (its version's URI, the model folder)."""
+    folder = shutil.copytree(registry["folders"][2], tmp_path_factory.mktemp("exported") / "run")
+    record = json.loads((folder / "run.json").read_text())
+    record["data"]["name"] = "promo-onnx"
+    (folder / "run.json").write_text(json.dumps(record))
+    logged = log_run_folder(folder, experiment="registry", uri=mlflow_server, export_onnx=True)
+    assert logged.versions == {CATEGORY: f"gaussad-promo-onnx-{CATEGORY}/1"}
+    again = log_run_folder(folder, experiment="registry", uri=mlflow_server, export_onnx=True)
+    assert again.versions == logged.versions and again.new_versions == []
+    return f"models:/gaussad-promo-onnx-{CATEGORY}/1", folder / CATEGORY / "model"
+
+
+def test_a_version_registered_with_its_exported_graph_scores_with_it(mlflow_server, registry, exported_version):
+    """The version holds the ONNX graph too, and its pyfunc model scores with it, as the library does
+    within the export's parity bounds; the folder stays available."""
+    from gaussad.export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportedDetector
+
+    uri, model_dir = exported_version
+    name = uri.split("/")[1]
+    assert MlflowClient(mlflow_server).get_model_version(name, "1").tags["scored_by"] == "exported ONNX graph"
+    paths = load_category(registry["data"], CATEGORY).test.paths[:4]
+    library = GaussianAD.load(model_dir, progress=False)
+    expected = library.score(paths)
+    mlflow.set_tracking_uri(mlflow_server)
+    exported = mlflow.pyfunc.load_model(uri)
+    assert isinstance(exported.unwrap_python_model().model, ExportedDetector)
+    result = exported.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
+    scores, maps = np.asarray(result["score"]), np.stack(result["map"])
+    assert np.max(np.abs(scores - expected.image) / np.abs(expected.image)) <= SCORE_TOLERANCE
+    assert np.abs(maps - expected.maps).max() <= MAP_TOLERANCE * np.abs(expected.maps).max()
+    assert (result["threshold"] == library.decision_threshold).all()
+
+    from_folder = mlflow.pyfunc.load_model(uri, model_config={"use_exported": False})
+    assert isinstance(from_folder.unwrap_python_model().model, GaussianAD)

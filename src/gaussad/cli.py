@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     log.add_argument("run_dir", type=Path)
     log.add_argument("--experiment", default="gaussad")
     log.add_argument("--no-register", dest="register", action="store_false", help="log runs only")
+    log.add_argument("--export-onnx", action="store_true",
+                     help="register each Gaussian model with its exported ONNX graph, which the registered "
+                          "model (and `mlflow models serve`) then runs")
     log.set_defaults(run=_log)
 
     promote = commands.add_parser("promote", help="make a registered model's challenger the champion if it is "
@@ -236,7 +239,7 @@ def _log(args: argparse.Namespace) -> None:
     _require("mlflow", "tracking", "log")
     from gaussad.tracking import log_run_folder, tracking_uri
 
-    logged = log_run_folder(args.run_dir, args.experiment, register=args.register)
+    logged = log_run_folder(args.run_dir, args.experiment, register=args.register, export_onnx=args.export_onnx)
     print(f"logged {args.run_dir} to {tracking_uri()}, experiment {args.experiment!r}, run {logged.run_id}")
     for category, version in logged.versions.items():
         name = version.rsplit("/", 1)[0]

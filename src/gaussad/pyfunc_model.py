@@ -1,7 +1,10 @@
 """The MLflow pyfunc wrapper of a saved gaussad model (logged as "model from code", never pickled).
 
-MLflow copies this file into the logged model and runs it on load; the model's only artifact is the
-model folder (config.json + stats.safetensors or weights.safetensors), read by `load_model`.
+MLflow copies this file into the logged model and runs it on load; its artifacts are the model
+folder (config.json + stats.safetensors or weights.safetensors), read by `load_model`, and for a
+version registered with `export_onnx` the exported graph (gaussad.export), which then scores:
+the same numbers within the export's parity bounds, faster on a CPU. To score such a version with
+the folder instead: `mlflow.pyfunc.load_model(uri, model_config={"use_exported": False})`.
 
     model = mlflow.pyfunc.load_model("models:/gaussad-mvtec-bottle@champion")
     model.predict(pd.DataFrame({"image": ["a.png", png_bytes, rgb_array]}))
@@ -37,8 +40,10 @@ from PIL import Image
 from gaussad.data import MAX_IMAGE_PIXELS, open_image, read_rgb, to_rgb8, unit_to_uint8
 from gaussad.features import to_tensor
 from gaussad.detectors import load_model
+from gaussad.export import ExportedDetector
 
 IMAGE_COLUMN = "image"
+MODEL_ARTIFACT, EXPORTED_ARTIFACT = "model", "exported"
 IMAGE_ROOTS_VARIABLE = "GAUSSAD_IMAGE_ROOTS"
 
 
@@ -120,7 +125,11 @@ class GaussadModel(mlflow.pyfunc.PythonModel):
     """Scores images with a saved gaussad model (Gaussian or PIADE)."""
 
     def load_context(self, context):
-        self.model = load_model(context.artifacts["model"], progress=False)
+        exported = context.artifacts.get(EXPORTED_ARTIFACT)
+        if exported is not None and (context.model_config or {}).get("use_exported", True):
+            self.model = ExportedDetector.load(exported, progress=False)
+        else:
+            self.model = load_model(context.artifacts[MODEL_ARTIFACT], progress=False)
         # `mlflow models serve` calls predict from several threads at once: one batch on the device
         # at a time keeps its memory bounded (concurrent passes would add up); decoding runs in parallel
         self.lock = threading.Lock()

@@ -6,10 +6,13 @@ gets the alias `challenger`; `promote` scores challenger and champion on the sam
 moves `champion` only if the challenger is at least as good on the chosen metric (or `force`),
 writing the figures and the reason into the challenger version's tags and description.
 
-A version holds the model folder as its only artifact (config.json + safetensors, no pickle) and
-gaussad/pyfunc_model.py as its code (MLflow "model from code"). A model already registered under
-the same name, identical tensor for tensor, is not registered again: a cached pipeline rerun or a
-second `gaussad log` of one folder adds no duplicate versions.
+A version holds the model folder as its artifact (config.json + safetensors, no pickle) and
+gaussad/pyfunc_model.py as its code (MLflow "model from code"). With `export_onnx`, a Gaussian
+model's version also holds the whole detector as one ONNX graph (gaussad.export, checked for parity
+as it is written), and the pyfunc model, `mlflow models serve` included, scores with that graph.
+A model already registered under the same name, identical tensor for tensor and with the same
+artifacts, is not registered again: a cached pipeline rerun or a second `gaussad log` of one folder
+adds no duplicate versions.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import importlib.metadata
 import io
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +38,8 @@ from PIL import Image
 from gaussad import __version__
 from gaussad.data import load_category
 from gaussad.evaluate import TEST_METRICS, test_metrics
+from gaussad.gaussian_detector import GaussianAD
+from gaussad.pyfunc_model import EXPORTED_ARTIFACT, MODEL_ARTIFACT
 
 # MLflow draws a progress bar per model download or upload: noise in flow logs. Users' settings win.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -53,36 +59,48 @@ def registered_name(dataset: str, category: str) -> str:
     return f"gaussad-{dataset}-{category}"
 
 
-def model_digest(model_dir: Path) -> str:
-    """SHA-256 of the model's type and tensors: equal for the same fit, whatever its timings."""
+def model_digest(model_dir: Path, export_onnx: bool = False) -> str:
+    """SHA-256 of the model's type and tensors (and whether the version holds an exported graph):
+    equal for the same fit, whatever its timings."""
     config = json.loads((model_dir / "config.json").read_text())
     digest = hashlib.sha256(config["model_type"].encode())
     for tensors in sorted(model_dir.glob("*.safetensors")):
         digest.update(tensors.read_bytes())
+    if export_onnx:
+        digest.update(b"+onnx")
     return digest.hexdigest()
 
 
 def register_model(model_dir: Path, dataset: str, category: str, dataset_root: str, metrics: dict,
-                   client: MlflowClient) -> tuple[str, str, bool]:
-    """In the active run: log the model folder as a pyfunc model and register it as the challenger.
-    Returns (registered name, version, whether the version is new)."""
+                   client: MlflowClient, export_onnx: bool = False) -> tuple[str, str, bool]:
+    """In the active run: log the model folder (with `export_onnx`, also its exported ONNX graph; a
+    PIADE model has none) as a pyfunc model and register it as the challenger. Returns (registered
+    name, version, whether the version is new)."""
     name = registered_name(dataset, category)
-    digest = model_digest(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    export_onnx = export_onnx and config["model_type"] == GaussianAD.MODEL_TYPE  # the one type that exports
+    digest = model_digest(model_dir, export_onnx)
     existing = _version_with_digest(client, name, digest)
     if existing is not None:
         return name, existing.version, False
-    config = json.loads((model_dir / "config.json").read_text())
-    info = mlflow.pyfunc.log_model(
-        name="pyfunc",
-        python_model=str(PYFUNC_CODE),
-        artifacts={"model": str(model_dir)},
-        signature=SIGNATURE,
-        input_example=_input_example(config["image_size"]),
-        pip_requirements=_requirements(),
-    )
+    with tempfile.TemporaryDirectory(prefix="gaussad-export-") as scratch:
+        artifacts = {MODEL_ARTIFACT: str(model_dir)}
+        if export_onnx:
+            artifacts[EXPORTED_ARTIFACT] = str(_exported_graph(model_dir, Path(scratch)))
+        info = mlflow.pyfunc.log_model(
+            name="pyfunc",
+            python_model=str(PYFUNC_CODE),
+            artifacts=artifacts,
+            # declared so that a loader may override it: load_model(uri, model_config={"use_exported": False})
+            model_config={"use_exported": True} if export_onnx else None,
+            signature=SIGNATURE,
+            input_example=_input_example(config["image_size"]),
+            pip_requirements=_requirements(),
+        )
     version = mlflow.register_model(info.model_uri, name, tags={
         "dataset": dataset, "category": category, "dataset_root": dataset_root,
         "model_type": config["model_type"], "model_digest": digest,
+        "scored_by": "exported ONNX graph" if export_onnx else "model folder",
         **{k: str(config[k]) for k in WEIGHT_KEYS if k in config},  # which networks and weights were used
         **{f"metric.{k}": str(metrics[k]) for k in PROMOTION_METRICS if metrics.get(k) is not None},
     })
@@ -90,6 +108,16 @@ def register_model(model_dir: Path, dataset: str, category: str, dataset_root: s
     client.set_registered_model_tag(name, "category", category)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return name, version.version, True
+
+
+def _exported_graph(model_dir: Path, scratch: Path) -> Path:
+    """The model folder exported as one ONNX graph into `scratch` (ValueError for a model type that
+    does not export, or a graph that does not score as the model)."""
+    from gaussad.detectors import load_model
+    from gaussad.export import export_onnx
+
+    model = load_model(model_dir, device="cpu", runtime="torch", progress=False)
+    return export_onnx(model, scratch / f"{model_dir.name}.onnx")
 
 
 def _version_with_digest(client: MlflowClient, name: str, digest: str):

@@ -46,8 +46,9 @@ def tracking_uri() -> str:
 
 
 def log_run_folder(run_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, uri: str | None = None,
-                   register: bool = True) -> LoggedRun:
-    """Log a pipeline run folder to MLflow and (with `register`) register each category's model."""
+                   register: bool = True, export_onnx: bool = False) -> LoggedRun:
+    """Log a pipeline run folder to MLflow and (with `register`) register each category's model,
+    with `export_onnx` together with its exported ONNX graph, which the registered model then runs."""
     run_dir = Path(run_dir)
     record_path = run_dir / "run.json"
     if not record_path.is_file():
@@ -80,7 +81,7 @@ def log_run_folder(run_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, ur
             mlflow.log_artifact(str(record_path))
             for category in sorted(p.name for p in run_dir.iterdir() if (p / "evaluation" / "metrics.json").is_file()):
                 registered = _log_category(run_dir / category, dataset, shared, experiment_id,
-                                           record["data"]["root"] if register else None, client)
+                                           record["data"]["root"] if register else None, client, export_onnx)
                 if registered:
                     name, version, new = registered
                     logged.versions[category] = f"{name}/{version}"
@@ -104,7 +105,7 @@ def _fail_interrupted_runs(client: MlflowClient, experiment_id: str, folder: str
 
 
 def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, register_from: str | None,
-                  client: MlflowClient) -> tuple[str, str, bool] | None:
+                  client: MlflowClient, export_onnx: bool = False) -> tuple[str, str, bool] | None:
     """The category's nested run; with `register_from` (the dataset root), also register its model
     and return (registered name, version, whether new)."""
     metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
@@ -122,7 +123,8 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, 
         mlflow.log_artifacts(str(folder / "model"), "model")
         mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
         if register_from is not None:
-            return register_model(folder / "model", dataset, folder.name, register_from, metrics, client)
+            return register_model(folder / "model", dataset, folder.name, register_from, metrics, client,
+                                  export_onnx)
     return None
 
 
