@@ -57,6 +57,14 @@ CONFIGS = {
     "lite0 npca 0.02": LITE0 | dict(variance=0.02),
     "lite0 npca 0.01": LITE0 | dict(variance=0.01),
     "stacked 3,4,5 map-max": stacked((3, 4, 5), average=1),
+    "lite0 stride 4": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5)),
+    "lite0 stride 4 σ2": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), smoothing=2),
+    "lite0 stride 4 no average": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), local_average=1),
+    **{f"lite0 stride 4 σ2 {c} channels": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), smoothing=2,
+                                                      pixel_channels=c) for c in (64, 100, 128)},
+    **{f"lite0 stride 4 σ2 {c} channels all axes": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5),
+                                                               smoothing=2, pixel_channels=c, reduction="none")
+       for c in (64, 100)},
 }
 
 

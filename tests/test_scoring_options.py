@@ -129,16 +129,22 @@ def test_local_average_is_the_mean_over_each_neighbourhood():
     assert local_average(feats, 1) is feats
 
 
-def test_stacked_ridge_model_is_padims_gaussian_per_location(category):
+@pytest.mark.parametrize("channels", [None, 24])
+def test_stacked_ridge_model_is_padims_gaussian_per_location(category, channels):
     """Reference in NumPy on the model's own features: levels 2 and 3, each 3×3 averaged (as
-    PatchCore does), level 3 nearest-upsampled to level 2's grid, concatenated; at each position the mean and the biased covariance + εI of
-    the training images, then the Mahalanobis distance of each test position."""
+    PatchCore does), level 3 nearest-upsampled to level 2's grid, concatenated (with `channels`,
+    the model's random subset of them, as PaDiM); at each position the mean and the biased
+    covariance + εI of the training images, then the Mahalanobis distance of each test position."""
     settings = dict(levels=(3,), pixel_levels=(2, 3), spatial="stacked", local_average=3, reduction="none",
-                    covariance="ridge", ridge=0.01)
+                    covariance="ridge", ridge=0.01, pixel_channels=channels)
     model = make_model(**settings).fit(category.train, holdout=0)
-    train = np.stack([_stacked_numpy(model, p) for p in category.train.paths])  # [N, D, h, w]
+    subset = slice(None)
+    if channels is not None:  # 24 distinct channels of the 64 stacked ones, from both levels
+        subset = model.channel_subsets["stacked"].numpy()
+        assert len(set(subset)) == 24 and subset.min() < 24 <= subset.max() < 64
+    train = np.stack([_stacked_numpy(model, p)[subset] for p in category.train.paths])  # [N, D, h, w]
     test_path = category.test.paths[-1]
-    test = _stacked_numpy(model, test_path)
+    test = _stacked_numpy(model, test_path)[subset]
     n, d, h, w = train.shape
     expected = np.empty((h, w))
     for i in range(h):
@@ -175,13 +181,27 @@ def _average_3x3(x: np.ndarray) -> np.ndarray:
     return averaged
 
 
-@pytest.mark.parametrize("spatial", ["stacked", "per-location"])
-def test_stacked_and_ridge_models_save_and_load(category, spatial, tmp_path):
-    model = make_model(pixel_levels=(2, 3), spatial=spatial, local_average=3, covariance="ridge").fit(category.train)
+@pytest.mark.parametrize("spatial, channels", [("stacked", None), ("per-location", None), ("stacked", 24),
+                                               ("per-location", 30)])
+def test_stacked_and_ridge_models_save_and_load(category, spatial, channels, tmp_path):
+    model = make_model(pixel_levels=(2, 3), spatial=spatial, local_average=3, covariance="ridge",
+                       pixel_channels=channels).fit(category.train)
+    if channels is not None:  # per level, a subset where the level is wider (level 2 has 24 channels)
+        widths = {key: g.mean.shape[1] for key, g in model.pixel_gaussians.items()}
+        assert widths == ({"stacked": 24} if spatial == "stacked" else {2: 24, 3: 30})
     loaded = GaussianAD.load(model.save(tmp_path / "m"), device="cpu", progress=False)
     before, after = model.score(category.test.paths[:4]), loaded.score(category.test.paths[:4])
     np.testing.assert_array_equal(before.image, after.image)
     np.testing.assert_array_equal(before.maps, after.maps)
+
+
+def test_channel_subsets_are_seeded():
+    """The same seed picks the same channels, another seed others."""
+    first, again, other = (make_model(pixel_levels=(2, 3), spatial="stacked", pixel_channels=24, seed=seed)
+                           ._choose_channels()["stacked"] for seed in (0, 0, 1))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    with pytest.raises(ValueError, match="pixel_channels must be at least 1, got 0"):
+        make_model(pixel_channels=0)
 
 
 def test_even_local_average_is_refused():

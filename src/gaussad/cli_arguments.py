@@ -45,6 +45,8 @@ MODEL_TYPE_FLAGS = {
                                help="pooled features (the paper), the map's maximum, or both standardised")),
         ("--pixel-levels", dict(type=int, nargs="+", help="levels of the anomaly map (default: --levels)")),
         ("--smoothing", dict(type=float, help="σ in pixels of the map's Gaussian smoothing (0: none)")),
+        ("--pixel-channels", dict(type=int, help="keep this many of each pixel Gaussian's input channels, chosen "
+                                           "at random (seeded), as PaDiM (default: all)")),
     ],
     "piade": [
         ("--epochs", dict(type=int)),

@@ -5,6 +5,8 @@ Per level of a pretrained CNN, two Gaussians are fitted on defect-free images:
   pixel: over the feature vectors at each position (`shared`: one for all positions;
          `per-location`: one per position, as PaDiM) -> distance maps, bilinearly upsampled to the
          image size and averaged over levels.
+`pixel_channels` keeps a seeded random subset of each pixel Gaussian's input channels, as PaDiM does: the
+per-position [h·w, D, D] moments and eigendecompositions shrink with D² and D³.
 The statistics themselves (streaming moments, NPCA, Ledoit-Wolf, Mahalanobis) are gaussad.gaussian.
 A saved model is a folder: config.json (all needed to rebuild it) + stats.safetensors (no pickle).
 """
@@ -43,10 +45,10 @@ class GaussianAD(Detector):
     NAME = "Gaussian"
     CONFIG_KEYS = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
                    "normal_quantile", "seed", "image_score", "pixel_levels", "smoothing", "local_average",
-                   "covariance", "ridge")
+                   "covariance", "ridge", "pixel_channels")
     # Settings added since format 2 came out: a folder saved before lacks them, and meant these.
     ADDED_KEYS = {"image_score": "pooled", "pixel_levels": None, "smoothing": 0.0, "local_average": 1,
-                  "covariance": "ledoit-wolf", "ridge": 0.01}
+                  "covariance": "ledoit-wolf", "ridge": 0.01, "pixel_channels": None}
     PRESETS = {
         # The paper's configuration; its weights come from the timm hub (or its local cache).
         "paper": {"backbone": PAPER_BACKBONE, "weights": "timm", "levels": (3, 4, 5, 6, 7), "image_size": 380},
@@ -84,6 +86,7 @@ class GaussianAD(Detector):
         local_average: int = 1,
         covariance: str = "ledoit-wolf",
         ridge: float = 0.01,
+        pixel_channels: int | None = None,
         batch_size: int = 16,
         device: str | torch.device | None = None,
         progress: bool = True,
@@ -97,7 +100,8 @@ class GaussianAD(Detector):
         (`per-location`, as PaDiM), or `stacked`: the pixel levels resized to the finest one and
         concatenated, one Gaussian per position; local_average: each position's pixel features
         averaged over its k×k neighbourhood first (odd k; 1: off); covariance: `ledoit-wolf` shrinkage
-        or `ridge` (+ ridge·I, as PaDiM), in the axes the reduction keeps."""
+        or `ridge` (+ ridge·I, as PaDiM), in the axes the reduction keeps; pixel_channels: how many of each
+        pixel Gaussian's input channels to keep, chosen at random (seeded; None: all)."""
         self._set_runtime(device, batch_size, progress, runtime)
         self.config = {
             "backbone": backbone,
@@ -116,6 +120,8 @@ class GaussianAD(Detector):
             "local_average": check_number("local_average", local_average, int, 1),
             "covariance": check_choice("covariance", covariance, COVARIANCES),
             "ridge": check_number("ridge", ridge, float, 0, open_low=True),
+            "pixel_channels": None if pixel_channels is None else
+            check_number("pixel_channels", pixel_channels, int, 1),
         }
         if self.config["local_average"] % 2 == 0:
             raise ValueError(f"local_average must be odd (a centred k×k window), got {local_average}")
@@ -125,6 +131,7 @@ class GaussianAD(Detector):
         self.runtime = self.backbone.runtime
         self.image_gaussians: dict[int, Gaussian] = {}  # on `levels`, unless the image score is map-max
         self.pixel_gaussians: dict[int, Gaussian] = {}  # on `pixel_levels`
+        self.channel_subsets: dict[int | str, torch.Tensor] = {}  # per pixel Gaussian: the kept channels
         # mean and standard deviation of the held-out (pooled, map-max) scores, for `combined`
         self.score_scale = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
 
@@ -172,6 +179,7 @@ class GaussianAD(Detector):
                                 torch.float32 if per_position else torch.float64)
 
         image_levels, pixel_keys = self._gaussian_keys()
+        self.channel_subsets = self._choose_channels()
         jobs = [("image", level) for level in image_levels] + [("pixel", key) for key in pixel_keys]
         for kind, key in tqdm(jobs, desc="fitting levels", disable=not self.progress):
             chunks = lambda level=key: store.chunks(level, rows)  # noqa: E731
@@ -184,8 +192,9 @@ class GaussianAD(Detector):
                     self._positions(self._pixel_inputs(feats)[STACKED]) for feats in store.batches(rows, self.batch_size)),
                     per_position)
             else:
-                self.pixel_gaussians[key] = fit(lambda: (
-                    self._positions(local_average(chunk, c["local_average"])) for chunk in chunks()), per_position)
+                self.pixel_gaussians[key] = fit(lambda level=key: (
+                    self._positions(self._subset(level, local_average(chunk, c["local_average"])))
+                    for chunk in chunks()), per_position)
         self.fit_info["channels"] = {str(key): int(g.mean.shape[1]) for key, g in self.pixel_gaussians.items()}
         return self
 
@@ -196,12 +205,32 @@ class GaussianAD(Detector):
         return (c["levels"] if c["image_score"] != "map-max" else [],
                 [STACKED] if c["spatial"] == STACKED else c["pixel_levels"])
 
+    def _choose_channels(self) -> dict[int | str, torch.Tensor]:
+        """Per pixel Gaussian whose input has more than `pixel_channels` channels, a seeded random
+        subset of that many, in order (PaDiM's reduction); none without `pixel_channels`."""
+        count = self.config["pixel_channels"]
+        if count is None:
+            return {}
+        widths = self.backbone.channels()
+        pixel_levels = self.config["pixel_levels"]
+        inputs = ({STACKED: sum(widths[level] for level in pixel_levels)} if self.config["spatial"] == STACKED
+                  else {level: widths[level] for level in pixel_levels})
+        generator = torch.Generator().manual_seed(self.config["seed"])
+        return {key: torch.randperm(width, generator=generator)[:count].sort().values
+                for key, width in inputs.items() if width > count}
+
+    def _subset(self, key: int | str, feats_nchw: torch.Tensor) -> torch.Tensor:
+        """The kept channels of a pixel Gaussian's input (all, without a subset)."""
+        subset = self.channel_subsets.get(key)
+        return feats_nchw if subset is None else feats_nchw.index_select(1, subset.to(feats_nchw.device))
+
     def _pixel_inputs(self, feats: dict[int, torch.Tensor]) -> dict[int | str, torch.Tensor]:
         """The [n, C, h, w] features of each pixel Gaussian: per pixel level, locally averaged, or
-        (stacked) the levels at the finest one's size, concatenated."""
+        (stacked) the levels at the finest one's size, concatenated; then their channel subsets."""
         averaged = {level: local_average(feats[level].to(self.device), self.config["local_average"])
                     for level in self.config["pixel_levels"]}
-        return {STACKED: stack_levels(list(averaged.values()))} if self.config["spatial"] == STACKED else averaged
+        inputs = {STACKED: stack_levels(list(averaged.values()))} if self.config["spatial"] == STACKED else averaged
+        return {key: self._subset(key, feats_nchw) for key, feats_nchw in inputs.items()}
 
     @staticmethod
     def _score_scale(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -286,6 +315,8 @@ class GaussianAD(Detector):
             for level, gaussian in gaussians.items():
                 for field in GAUSSIAN_FIELDS:
                     tensors[f"{kind}.{level}.{field}"] = getattr(gaussian, field).contiguous().cpu()
+        for key, subset in self.channel_subsets.items():
+            tensors[f"pixel.{key}.channels"] = subset.contiguous().cpu()
         if self.config["image_score"] == "combined":
             tensors["score_scale"] = self.score_scale.contiguous().cpu()
         return tensors
@@ -300,6 +331,8 @@ class GaussianAD(Detector):
                 except KeyError as missing:
                     raise ModelFileError(f"{path} lacks tensor {missing}") from None
                 target[level] = Gaussian(*fields).to(self.device)
+        self.channel_subsets = {key: tensors[f"pixel.{key}.channels"] for key in pixel_keys
+                                if f"pixel.{key}.channels" in tensors}
         if self.config["image_score"] == "combined":
             if "score_scale" not in tensors:
                 raise ModelFileError(f"{path} lacks tensor 'score_scale'")
