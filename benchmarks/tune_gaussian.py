@@ -62,6 +62,10 @@ CONFIGS = {
     "lite0 stride 4 no average": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), local_average=1),
     **{f"lite0 stride 4 σ2 {c} channels": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), smoothing=2,
                                                       pixel_channels=c) for c in (64, 100, 128)},
+    **{f"lite0 stride 4 {c} channels": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), pixel_channels=c)
+       for c in (64, 100)},
+    "lite0 stride 4 levels 2-5 σ2 128 channels": LITE0 | dict(levels=(2, 3, 4, 5), pixel_levels=(2, 3, 4, 5),
+                                                              smoothing=2, pixel_channels=128),
     **{f"lite0 stride 4 σ2 {c} channels all axes": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5),
                                                                smoothing=2, pixel_channels=c, reduction="none")
        for c in (64, 100)},

@@ -2,6 +2,7 @@
 
     local_average(feats, k)   each position's features averaged over its k×k neighbourhood
     stack_levels(maps)        feature maps of several levels at the finest one's size, concatenated
+    split_channels(subset, widths)  a subset of stacked channels as each level's own channels
     smooth(maps, sigma)       Gaussian smoothing of anomaly maps (σ in pixels), as
                               scipy.ndimage.gaussian_filter(mode="mirror", truncate=4) computes it
 """
@@ -25,8 +26,28 @@ def local_average(feats_nchw: torch.Tensor, size: int) -> torch.Tensor:
 def stack_levels(feats_nchw: list[torch.Tensor]) -> torch.Tensor:
     """[n, ΣC, H, W]: the maps resized (nearest, as PaDiM) to the largest one's H×W and concatenated."""
     size = max((f.shape[-2:] for f in feats_nchw), key=lambda hw: hw[0] * hw[1])
-    return torch.cat([f if f.shape[-2:] == size else F.interpolate(f, size=tuple(size), mode="nearest")
-                      for f in feats_nchw], 1)
+    return torch.cat([_nearest(f, tuple(size)) for f in feats_nchw], 1)
+
+
+def _nearest(feats_nchw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resizing to `size`; by an integer factor, each value repeated in place
+    (what F.interpolate's "nearest" gives then, 4x faster on the CPU)."""
+    n, c, h, w = feats_nchw.shape
+    if (h, w) == size:
+        return feats_nchw
+    if size[0] % h or size[1] % w:
+        return F.interpolate(feats_nchw, size=size, mode="nearest")
+    fh, fw = size[0] // h, size[1] // w
+    return feats_nchw[:, :, :, None, :, None].expand(n, c, h, fh, w, fw).reshape(n, c, *size)
+
+
+def split_channels(subset: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """Indices `subset` into channels stacked from maps of `widths` channels, as each map's own
+    channel indices: the same channels, taken before stacking."""
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    chosen = subset.tolist()  # the model's constant: an exported graph gets the indices as constants
+    return [torch.tensor([i - start for i in chosen if start <= i < start + width], dtype=torch.long)
+            for start, width in zip(offsets, widths)]
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:

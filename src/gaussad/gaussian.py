@@ -2,7 +2,7 @@
 
 A fit makes two passes over the feature batches and never holds the feature matrix:
   pass 1: n, Σ(x-K), Σ(x-K)(x-K)ᵀ in float64 (K = the first batch's mean, which keeps the sums
-          well conditioned; the outer products in float32 for per-position Gaussians) -> mean,
+          well conditioned; x-K and the outer products in float32 for per-position Gaussians) -> mean,
           covariance, its eigenvectors -> the kept components (NPCA/PCA/none)
   pass 2: Σ‖z‖⁴ of the projected, centred vectors z -> the Ledoit-Wolf shrinkage of their covariance.
 In the kept principal axes the sample covariance is diagonal (the eigenvalues λ), so the Ledoit-Wolf
@@ -40,9 +40,10 @@ class Gaussian:
         return Gaussian(*(t.to(device) for t in (self.mean, self.projection, self.precision, self.shrinkage)))
 
     def mahalanobis(self, x: torch.Tensor) -> torch.Tensor:
-        """Distances of x [n, G, D] to each group's Gaussian -> [n, G]: centred in float64, projected
-        in the projection's precision (float32 for per-position Gaussians), weighted in float64."""
-        centred = (x.to(self.mean.device, torch.float64) - self.mean).to(self.projection.dtype)
+        """Distances of x [n, G, D] to each group's Gaussian -> [n, G]: centred and projected in the
+        projection's precision (float32 for per-position Gaussians), weighted in float64."""
+        dtype = self.projection.dtype  # float32 for per-position Gaussians: no float64 copy of x
+        centred = x.to(self.mean.device, dtype) - self.mean.to(dtype)
         # one matrix product per group, [G, n, D] @ [G, D, k]: no [G, D, k] temporary, and an exported
         # graph gets a batched MatMul (ONNX Runtime's Einsum is 3x slower)
         z = torch.matmul(centred.transpose(0, 1), self.projection).transpose(0, 1)
@@ -58,15 +59,14 @@ class MomentAccumulator:
         self.shift = self.sum = self.outer = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.to(torch.float64)
         if self.shift is None:
-            self.shift = x.mean(0)
+            # rounded to `dtype`, in which it is subtracted (float32 features need no float64 copy)
+            self.shift = x.to(torch.float64).mean(0).to(self.dtype).to(torch.float64)
             self.sum = torch.zeros_like(self.shift)
             self.outer = torch.zeros(*self.shift.shape, self.shift.shape[-1], dtype=self.dtype, device=x.device)
-        y = (x - self.shift).transpose(0, 1)  # [G, n, D]
         self.n += x.shape[0]
-        self.sum += y.sum(1)
-        y = y.to(self.dtype)
+        self.sum += x.sum(0, dtype=torch.float64) - x.shape[0] * self.shift  # Σ(x-K), exact in float64
+        y = (x.to(self.dtype) - self.shift.to(self.dtype)).transpose(0, 1)  # [G, n, D]
         self.outer.baddbmm_(y.transpose(1, 2), y)  # in place: no second [G, D, D]
 
     def mean(self) -> torch.Tensor:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from gaussad.data import ImageSet
 from gaussad.detector import Detector, Scores, image_paths, split_holdout
 from gaussad.errors import ModelFileError
-from gaussad.feature_maps import local_average, smooth, stack_levels
+from gaussad.feature_maps import local_average, smooth, split_channels, stack_levels
 from gaussad.features import Backbone, FeatureStore
 from gaussad.gaussian import COVARIANCES, REDUCTIONS, Gaussian, fit_gaussian
 from gaussad.validation import check_choice, check_number
@@ -193,7 +193,7 @@ class GaussianAD(Detector):
                     per_position)
             else:
                 self.pixel_gaussians[key] = fit(lambda level=key: (
-                    self._positions(self._subset(level, local_average(chunk, c["local_average"])))
+                    self._positions(local_average(self._subset(level, chunk), c["local_average"]))
                     for chunk in chunks()), per_position)
         self.fit_info["channels"] = {str(key): int(g.mean.shape[1]) for key, g in self.pixel_gaussians.items()}
         return self
@@ -225,12 +225,17 @@ class GaussianAD(Detector):
         return feats_nchw if subset is None else feats_nchw.index_select(1, subset.to(feats_nchw.device))
 
     def _pixel_inputs(self, feats: dict[int, torch.Tensor]) -> dict[int | str, torch.Tensor]:
-        """The [n, C, h, w] features of each pixel Gaussian: per pixel level, locally averaged, or
-        (stacked) the levels at the finest one's size, concatenated; then their channel subsets."""
-        averaged = {level: local_average(feats[level].to(self.device), self.config["local_average"])
-                    for level in self.config["pixel_levels"]}
-        inputs = {STACKED: stack_levels(list(averaged.values()))} if self.config["spatial"] == STACKED else averaged
-        return {key: self._subset(key, feats_nchw) for key, feats_nchw in inputs.items()}
+        """The [n, C, h, w] features of each pixel Gaussian: per pixel level, its channel subset
+        locally averaged, or (stacked) the levels at the finest one's size, concatenated."""
+        levels, k = self.config["pixel_levels"], self.config["local_average"]
+        if self.config["spatial"] != STACKED:
+            return {level: local_average(self._subset(level, feats[level].to(self.device)), k) for level in levels}
+        maps = [feats[level].to(self.device) for level in levels]
+        subset = self.channel_subsets.get(STACKED)
+        if subset is not None:  # each level's share of the subset taken first: fewer channels averaged and resized
+            parts = split_channels(subset, [m.shape[1] for m in maps])
+            maps = [m.index_select(1, part.to(m.device)) for m, part in zip(maps, parts)]
+        return {STACKED: stack_levels([local_average(m, k) for m in maps])}
 
     @staticmethod
     def _score_scale(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
