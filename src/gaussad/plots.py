@@ -1,7 +1,7 @@
 """PNG figures for reports: ROC curve, score histograms and anomaly-map overlays.
 
-Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, so nothing here touches
-pyplot's global state or the user's backend.
+Charts are built with ``matplotlib.figure.Figure`` on an Agg canvas, so nothing here touches
+pyplot's global state or the user's backend; overlays, drawn once per image, with Pillow.
 """
 
 from __future__ import annotations
@@ -11,12 +11,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from sklearn.metrics import roc_auc_score, roc_curve
-
-_PREDICTED_COLOUR = "yellow"
-_GROUND_TRUTH_COLOUR = "lime"
 
 
 def _save(figure: Figure, path) -> None:
@@ -88,53 +84,99 @@ def _resize_bilinear(anomaly_map, height: int, width: int) -> np.ndarray:
     return np.asarray(resized)
 
 
-def _outline(axes, region: np.ndarray, colour: str) -> None:
-    """Draw the boundary of a bool H×W region (nothing when it is empty or full)."""
-    if region.any() and not region.all():
-        axes.contour(region.astype(float), levels=[0.5], colors=colour, linewidths=1.5)
+# Overlays are drawn with Pillow, not matplotlib: evaluate and predict draw one per image, and a
+# figure cost 0.55 s each (a third of evaluate's fixed cost on a 900-image category)
+PANEL = 400  # pixels of a panel's longer side
+TITLE_HEIGHT, LABEL_HEIGHT, COLOURBAR_WIDTH = 30, 22, 64
+_RGB = {"yellow": (255, 255, 0), "lime": (0, 255, 0), "white": (255, 255, 255), "black": (0, 0, 0)}
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """uint8 RGB of values in [0, 1] on the jet colour map (blue, cyan, yellow, red), as
+    matplotlib's "jet" draws it: each channel a clipped tent over 4·value."""
+    x = 4 * np.clip(values, 0, 1)[..., None]
+    channels = np.clip(1.5 - np.abs(x - np.array([3.0, 2.0, 1.0])), 0, 1)  # red, green, blue
+    return (channels * 255 + 0.5).astype(np.uint8)
+
+
+def _boundary(region: np.ndarray) -> np.ndarray:
+    """The pixels of a bool region next to its outside, two pixels wide; none when it is empty or full."""
+    if not region.any() or region.all():
+        return np.zeros_like(region)
+    mask = Image.fromarray(region.astype(np.uint8) * 255)
+    inner = np.asarray(mask.filter(ImageFilter.MinFilter(3))) > 0
+    outer = np.asarray(mask.filter(ImageFilter.MaxFilter(3))) > 0
+    return outer & ~inner
 
 
 def save_overlay(
     image, anomaly_map, path, title: str, vmin: float, vmax: float,
     mask=None, threshold: float | None = None,
 ) -> None:
-    """Panels: the image; the anomaly map over it; the predicted and true regions outlined.
+    """Panels: the image; the anomaly map over it, with its colour bar; the predicted and true regions outlined.
 
-    image: H×W×3 uint8 or H×W grayscale. anomaly_map: h×w float, resized bilinearly to H×W.
+    image: H×W×3 uint8 or H×W grayscale. anomaly_map: h×w float, resized bilinearly to the panel.
     vmin, vmax: fixed colour range of the heat map, so that overlays are comparable.
     mask: optional H×W bool ground truth. threshold: optional, predicted region = map >= it.
-    The third panel is drawn when mask or threshold is given.
+    The third panel is drawn when mask or threshold is given. Panels are PANEL px on the longer side.
     """
     rgb = _as_rgb(image)
     height, width = rgb.shape[:2]
-    heat = _resize_bilinear(anomaly_map, height, width)
     if mask is not None and np.shape(mask) != (height, width):
         raise ValueError(f"mask shape {np.shape(mask)} differs from image size {(height, width)}")
-    n_panels = 2 if mask is None and threshold is None else 3
-    # margins set by hand: a layout engine ("constrained", "tight") measures every text first, which
-    # takes longer than drawing the whole figure (0.44 s against 0.25 s; evaluate draws several)
-    figure = Figure(figsize=(4 * n_panels, 4.4), dpi=100)
-    figure.subplots_adjust(left=0.01, right=0.99 if n_panels == 3 else 0.94, bottom=0.01, top=0.88, wspace=0.06)
-    panels = figure.subplots(1, n_panels)
-    for axes in panels:
-        axes.imshow(rgb)
-        axes.set_axis_off()
-    panels[0].set_title("image")
-    shown = panels[1].imshow(heat, cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
-    panels[1].set_title("anomaly map")
-    figure.colorbar(shown, ax=panels[1], fraction=0.046, pad=0.02)
-    if n_panels == 3:
-        legend = []
+    scale = PANEL / max(height, width)
+    ph, pw = max(1, round(height * scale)), max(1, round(width * scale))
+    base = np.asarray(Image.fromarray(rgb).resize((pw, ph), Image.Resampling.BILINEAR))
+    heat = _resize_bilinear(anomaly_map, ph, pw)
+    span = vmax - vmin if vmax > vmin else 1.0
+    blended = (0.5 * base + 0.5 * jet((heat - vmin) / span)).round().astype(np.uint8)
+    panels = [("image", base), ("anomaly map", blended)]
+    legend = []
+    if mask is not None or threshold is not None:
+        regions = base.copy()
         if threshold is not None:
-            _outline(panels[2], heat >= threshold, _PREDICTED_COLOUR)
-            legend.append(Line2D([], [], color=_PREDICTED_COLOUR, label=f"map ≥ {threshold:.4g}"))
+            regions[_boundary(heat >= threshold)] = _RGB["yellow"]
+            legend.append((f"map >= {threshold:.4g}", "yellow"))
         if mask is not None:
-            _outline(panels[2], np.asarray(mask, dtype=bool), _GROUND_TRUTH_COLOUR)
-            legend.append(Line2D([], [], color=_GROUND_TRUTH_COLOUR, label="ground truth"))
-        panels[2].legend(handles=legend, loc="lower right", fontsize="small")
-        panels[2].set_title("regions")
-    figure.suptitle(title)
-    _save(figure, path)
+            small = np.asarray(Image.fromarray(np.asarray(mask, bool)).resize((pw, ph), Image.Resampling.NEAREST))
+            regions[_boundary(small)] = _RGB["lime"]
+            legend.append(("ground truth", "lime"))
+        panels.append(("regions", regions))
+
+    gap = 8
+    canvas = Image.new("RGB", (len(panels) * (pw + gap) + COLOURBAR_WIDTH, TITLE_HEIGHT + LABEL_HEIGHT + ph + gap),
+                       _RGB["white"])
+    draw = ImageDraw.Draw(canvas)
+    big, small_font = ImageFont.load_default(size=16), ImageFont.load_default(size=13)
+    draw.text((canvas.width / 2, TITLE_HEIGHT / 2), title, fill=_RGB["black"], font=big, anchor="mm")
+    top = TITLE_HEIGHT + LABEL_HEIGHT
+    for index, (label, pixels) in enumerate(panels):
+        left = gap // 2 + index * (pw + gap) + (COLOURBAR_WIDTH if index > 1 else 0)
+        canvas.paste(Image.fromarray(pixels), (left, top))
+        draw.text((left + pw / 2, TITLE_HEIGHT + LABEL_HEIGHT / 2), label, fill=_RGB["black"], font=small_font,
+                  anchor="mm")
+        if index == 1:
+            _colour_bar(draw, canvas, left + pw + 6, top, ph, vmin, vmax, small_font)
+        if label == "regions":
+            for row, (text, colour) in enumerate(reversed(legend)):
+                y = top + ph - 8 - 18 * row
+                draw.rectangle((left + 6, y - 15, left + 20 + draw.textlength(text, small_font), y + 2),
+                               fill=_RGB["black"])
+                draw.text((left + 12, y), text, fill=_RGB[colour], font=small_font, anchor="ls")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG", compress_level=1)  # zlib's fastest: 5x faster than the default, files 1.5x
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, canvas: Image.Image, left: int, top: int, height: int,
+                vmin: float, vmax: float, font) -> None:
+    """A vertical jet bar from vmin (bottom) to vmax (top), with three values written beside it."""
+    ramp = jet(np.linspace(1, 0, height))[:, None, :].repeat(12, axis=1)
+    canvas.paste(Image.fromarray(ramp), (left, top))
+    for fraction in (0.0, 0.5, 1.0):
+        y = top + (1 - fraction) * (height - 1)
+        draw.text((left + 16, y), f"{vmin + fraction * (vmax - vmin):.3g}", fill=_RGB["black"], font=font,
+                  anchor="lm")
 
 
 def _as_uint8_rgb(image) -> np.ndarray:
