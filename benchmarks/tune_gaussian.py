@@ -66,6 +66,11 @@ CONFIGS = {
        for c in (64, 100)},
     "lite0 stride 4 levels 2-5 σ2 128 channels": LITE0 | dict(levels=(2, 3, 4, 5), pixel_levels=(2, 3, 4, 5),
                                                               smoothing=2, pixel_channels=128),
+    **{f"lite0 stride 4 levels 2-5 σ2 128 channels {name}": LITE0 | dict(
+        levels=(2, 3, 4, 5), pixel_levels=(2, 3, 4, 5), smoothing=2, pixel_channels=128) | settings
+       for name, settings in {"all axes": dict(reduction="none"), "npca 0.1": dict(variance=0.1),
+                              "ridge 0.01": dict(ridge=0.01), "σ4": dict(smoothing=4.0),
+                              "no average": dict(local_average=1)}.items()},
     **{f"lite0 stride 4 σ2 {c} channels all axes": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5),
                                                                smoothing=2, pixel_channels=c, reduction="none")
        for c in (64, 100)},

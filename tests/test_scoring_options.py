@@ -13,7 +13,7 @@ from scipy.ndimage import gaussian_filter
 
 from gaussad.data import load_category
 from gaussad.detector import split_holdout
-from gaussad.feature_maps import local_average, smooth
+from gaussad.feature_maps import local_average, smooth, split_channels, stack_levels
 from gaussad.networks import LITE0_PACKAGE
 from gaussad.gaussian_detector import GaussianAD
 from gaussad.model_folder import model_digest
@@ -127,6 +127,24 @@ def test_local_average_is_the_mean_over_each_neighbourhood():
             reference[:, :, i, j] = x[:, :, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].mean((2, 3))
     np.testing.assert_allclose(local_average(feats, 3).numpy(), reference, atol=1e-12)
     assert local_average(feats, 1) is feats
+
+
+@pytest.mark.parametrize("sizes", [[(8, 8), (4, 4), (2, 2)], [(6, 9), (3, 3)], [(7, 7), (3, 3)]])
+def test_stacked_levels_are_torchs_nearest_resizing_concatenated(sizes):
+    """By an integer factor (a repeat) or not (7 from 3: F.interpolate itself), as F.interpolate's
+    "nearest" resizes to the largest map."""
+    maps = [torch.randn(2, 3 + i, h, w) for i, (h, w) in enumerate(sizes)]
+    expected = torch.cat([torch.nn.functional.interpolate(m, size=sizes[0], mode="nearest") for m in maps], 1)
+    assert torch.equal(stack_levels(maps), expected)
+
+
+def test_split_channels_takes_the_same_channels_before_stacking():
+    maps = [torch.randn(2, 5, 4, 4), torch.randn(2, 7, 4, 4), torch.randn(2, 3, 4, 4)]
+    subset = torch.tensor([0, 3, 5, 6, 11, 12, 14])
+    parts = split_channels(subset, [5, 7, 3])
+    assert [p.tolist() for p in parts] == [[0, 3], [0, 1, 6], [0, 2]]
+    taken = torch.cat([m.index_select(1, p) for m, p in zip(maps, parts)], 1)
+    assert torch.equal(taken, torch.cat(maps, 1).index_select(1, subset))
 
 
 @pytest.mark.parametrize("channels", [None, 24])
