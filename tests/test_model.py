@@ -218,6 +218,27 @@ def test_thresholds_come_from_the_held_out_images(fitted, category):
 # ---- loading errors --------------------------------------------------------------------------------
 
 
+def test_saving_new_thresholds_keeps_the_tensors_file(fitted, saved, category, tmp_path):
+    """Saved back over a folder holding the same tensors (evaluate's thresholds), only config.json
+    is written: the tensors file is the same file (a hard link), the folder loads with the new
+    thresholds. A refitted model's tensors differ, and replace the file."""
+    folder = copy_model(saved["per-location"], tmp_path)
+    before = (folder / "stats.safetensors").stat()
+    model = load(folder)
+    model.thresholds["image_f1_optimal"] = 1.5
+    model.save(folder)
+    after = (folder / "stats.safetensors").stat()
+    assert (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev)
+    assert load(folder).thresholds["image_f1_optimal"] == 1.5  # the digest matches the linked tensors
+
+    refitted = make_model("per-location").fit(category.train.paths[:12], holdout=0)
+    refitted.save(folder)
+    assert (folder / "stats.safetensors").stat().st_ino != before.st_ino
+    again = load(folder)
+    assert torch.equal(again.pixel_gaussians[3].mean, refitted.pixel_gaussians[3].mean)
+    assert "image_f1_optimal" not in again.thresholds
+
+
 def test_load_missing_config(saved, tmp_path):
     directory = copy_model(saved["shared"], tmp_path)
     (directory / "config.json").unlink()

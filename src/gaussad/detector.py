@@ -26,7 +26,7 @@ from gaussad.data import ImageSet
 from gaussad.errors import ModelFileError, NotFittedError
 from gaussad.features import image_batches
 from gaussad.networks import resolve_device
-from gaussad.model_folder import read_model_folder, write_model_folder
+from gaussad.model_folder import read_model_folder, rewrite_config, write_model_folder
 from gaussad.validation import check_choice, check_number
 
 FORMAT_VERSION = 2  # 2: config.json carries the digest of config + tensors
@@ -155,10 +155,16 @@ class Detector:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write config.json + the tensors file; the folder appears whole or not at all."""
+        """Write config.json + the tensors file; the folder appears whole or not at all. Into a folder
+        that holds the same tensors already (evaluate saving thresholds), only config.json is new."""
         if not self.is_fitted:
             raise NotFittedError("the model is not fitted: nothing to save")
-        return write_model_folder(directory, self._tensors(), self.TENSORS_FILE, self.to_config())
+        tensors = self._tensors()
+        if (Path(directory) / "config.json").is_file():
+            kept = rewrite_config(directory, tensors, self.TENSORS_FILE, self.to_config())
+            if kept is not None:
+                return kept
+        return write_model_folder(directory, tensors, self.TENSORS_FILE, self.to_config())
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device | None = None, progress: bool = True,

@@ -56,14 +56,15 @@ class GaussianAD(Detector):
         "paper-lite0": {"backbone": "tf_efficientnet_lite0", "weights": "package:efficientnet-lite0",
                         "levels": (3, 4, 5, 6, 7), "image_size": 224},
         # The best offline configuration found on real defects (ELPV polycrystalline cells, with and
-        # without drawn cracks: benchmarks/tune_gaussian.py, docs/results.md): levels 3-5 (strides
-        # 8, 16, 16) 3×3-averaged, stacked at stride 8, one Gaussian per position with a ridge
-        # covariance (Ledoit-Wolf per position fails with few training images); the image score is
-        # the maximum of the map smoothed with σ 4 px.
+        # without drawn cracks, and the demo: benchmarks/tune_gaussian.py, docs/results.md): levels
+        # 2-5 (strides 4, 8, 16, 16) 3×3-averaged, stacked at stride 4 (thin cracks need it), 128 of
+        # their 256 channels at random (as PaDiM: the fit costs what stride 8 did), one Gaussian per
+        # position with a ridge covariance (Ledoit-Wolf per position fails with few training
+        # images); the image score is the maximum of the map smoothed with σ 2 px.
         "lite0": {"backbone": "tf_efficientnet_lite0", "weights": "package:efficientnet-lite0",
-                  "levels": (3, 4, 5), "pixel_levels": (3, 4, 5), "image_size": 224, "spatial": "stacked",
-                  "local_average": 3, "covariance": "ridge", "ridge": 0.1, "image_score": "map-max",
-                  "smoothing": 4.0},
+                  "levels": (2, 3, 4, 5), "pixel_levels": (2, 3, 4, 5), "image_size": 224, "spatial": "stacked",
+                  "local_average": 3, "pixel_channels": 128, "covariance": "ridge", "ridge": 0.1,
+                  "image_score": "map-max", "smoothing": 2.0},
     }
     FEATURE_KEYS = ("backbone", "weights", "levels", "pixel_levels", "image_size", "seed")  # what its features depend on
     PARAMS_BLOCK = "model"

@@ -63,6 +63,40 @@ def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], 
     return directory
 
 
+def rewrite_config(directory: str | Path, tensors: dict[str, torch.Tensor], tensors_file: str,
+                   config: dict) -> Path | None:
+    """Give a model folder a new config.json (new thresholds, say) and keep its tensors file, linked
+    into the new folder rather than written again (100 MB and more for per-position Gaussians).
+    Only where that file holds exactly `tensors`; else nothing is written, and None says to save whole."""
+    directory = check_model_destination(directory)
+    path = directory / tensors_file
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError):
+        return None
+    if saved.keys() != tensors.keys() or not all(
+            saved[k].dtype == t.dtype and saved[k].shape == t.shape and torch.equal(saved[k], t)
+            for k, t in tensors.items()):
+        return None
+    partial = scratch_folder(directory)
+    try:
+        try:
+            os.link(path, partial / tensors_file)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, partial / tensors_file)
+        signed = {**config, DIGEST_KEY: model_digest(config, partial / tensors_file)}
+        (partial / "config.json").write_text(json.dumps(signed, indent=2))
+        _sync(partial)
+        check_model_destination(directory)
+        replace_folder(partial, directory)
+    except OSError as err:  # a full disk, a read-only folder: what was there stays as it was
+        raise OutputError(f"cannot save the model to {directory}: {err.strerror or err}; the model already "
+                          f"there is unchanged") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return directory
+
+
 def model_digest(config: dict, tensors_path: Path) -> str:
     """SHA-256 over the config (without its digest, as JSON with sorted keys) and the tensors' bytes."""
     canonical = json.loads(json.dumps({k: v for k, v in config.items() if k != DIGEST_KEY}))
