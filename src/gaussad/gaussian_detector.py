@@ -5,8 +5,8 @@ Per level of a pretrained CNN, two Gaussians are fitted on defect-free images:
   pixel: over the feature vectors at each position (`shared`: one for all positions;
          `per-location`: one per position, as PaDiM) -> distance maps, bilinearly upsampled to the
          image size and averaged over levels.
-`pixel_channels` keeps a seeded random subset of each pixel Gaussian's input channels, as PaDiM does: the
-per-position [h·w, D, D] moments and eigendecompositions shrink with D² and D³.
+`pixel_channels` keeps a seeded random subset of each pixel Gaussian's input channels, as PaDiM
+does: the per-position [h·w, D, D] moments and eigendecompositions shrink with D² and D³.
 The statistics themselves (streaming moments, NPCA, Ledoit-Wolf, Mahalanobis) are gaussad.gaussian.
 A saved model is a folder: config.json (all needed to rebuild it) + stats.safetensors (no pickle).
 """
@@ -62,8 +62,8 @@ class GaussianAD(Detector):
         # position with a ridge covariance (Ledoit-Wolf per position fails with few training
         # images); the image score is the maximum of the map smoothed with σ 2 px.
         "lite0": {"backbone": "tf_efficientnet_lite0", "weights": "package:efficientnet-lite0",
-                  "levels": (2, 3, 4, 5), "pixel_levels": (2, 3, 4, 5), "image_size": 224, "spatial": "stacked",
-                  "local_average": 3, "pixel_channels": 128, "covariance": "ridge", "ridge": 0.1,
+                  "levels": (2, 3, 4, 5), "pixel_levels": (2, 3, 4, 5), "image_size": 224,
+                  "spatial": "stacked", "local_average": 3, "pixel_channels": 128, "covariance": "ridge", "ridge": 0.1,
                   "image_score": "map-max", "smoothing": 2.0},
     }
     FEATURE_KEYS = ("backbone", "weights", "levels", "pixel_levels", "image_size", "seed")  # what its features depend on
@@ -101,8 +101,8 @@ class GaussianAD(Detector):
         (`per-location`, as PaDiM), or `stacked`: the pixel levels resized to the finest one and
         concatenated, one Gaussian per position; local_average: each position's pixel features
         averaged over its k×k neighbourhood first (odd k; 1: off); covariance: `ledoit-wolf` shrinkage
-        or `ridge` (+ ridge·I, as PaDiM), in the axes the reduction keeps; pixel_channels: how many of each
-        pixel Gaussian's input channels to keep, chosen at random (seeded; None: all)."""
+        or `ridge` (+ ridge·I, as PaDiM), in the axes the reduction keeps; pixel_channels: how many
+        of each pixel Gaussian's input channels to keep, chosen at random (seeded; None: all)."""
         self._set_runtime(device, batch_size, progress, runtime)
         self.config = {
             "backbone": backbone,
