@@ -20,13 +20,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gaussad.data import ImageSet
 from gaussad.detector import Detector, Scores, image_paths, split_holdout
 from gaussad.errors import ModelFileError
-from gaussad.feature_maps import local_average, smooth, split_channels, stack_levels
+from gaussad.feature_maps import local_average, map_operator, split_channels, stack_levels
 from gaussad.features import Backbone, FeatureStore
 from gaussad.gaussian import COVARIANCES, REDUCTIONS, Gaussian, fit_gaussian
 from gaussad.validation import check_choice, check_number
@@ -304,10 +303,14 @@ class GaussianAD(Detector):
         for key, gaussian in self.pixel_gaussians.items():
             feats_nchw = inputs[key]
             n, _, h, w = feats_nchw.shape
-            distances = gaussian.mahalanobis(self._positions(feats_nchw)).reshape(n, 1, h, w)
-            level_maps.append(F.interpolate(distances.float(), size=(size, size), mode="bilinear", align_corners=False))
-        pixel_map = smooth(torch.stack(level_maps).mean(0)[:, 0], self.config["smoothing"])
-        return pooled, pixel_map
+            distances = gaussian.mahalanobis(self._positions(feats_nchw)).reshape(n, h, w).float()
+            # upsampled bilinearly and smoothed (both linear: the mean over levels commutes with the
+            # smoothing) by one matrix per side; int(): while export traces, a side may be a tensor,
+            # and the matrices must be the cached constants, not traced computations
+            rows, columns = (map_operator(int(side), size, self.config["smoothing"]).to(distances.device, torch.float32)
+                             for side in (h, w))
+            level_maps.append(rows @ distances @ columns.T)
+        return pooled, torch.stack(level_maps).mean(0)
 
     @property
     def is_fitted(self) -> bool:
