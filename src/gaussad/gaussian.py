@@ -40,14 +40,14 @@ class Gaussian:
         return Gaussian(*(t.to(device) for t in (self.mean, self.projection, self.precision, self.shrinkage)))
 
     def mahalanobis(self, x: torch.Tensor) -> torch.Tensor:
-        """Distances of x [n, G, D] to each group's Gaussian -> [n, G]: centred and projected in the
-        projection's precision (float32 for per-position Gaussians), weighted in float64."""
+        """Distances of x [n, G, D] to each group's Gaussian -> [n, G]: centred, projected and
+        weighted in the projection's precision (float32 for per-position Gaussians), summed in float64."""
         dtype = self.projection.dtype  # float32 for per-position Gaussians: no float64 copy of x
         centred = x.to(self.mean.device, dtype) - self.mean.to(dtype)
         # one matrix product per group, [G, n, D] @ [G, D, k]: no [G, D, k] temporary, and an exported
         # graph gets a batched MatMul (ONNX Runtime's Einsum is 3x slower)
         z = torch.matmul(centred.transpose(0, 1), self.projection).transpose(0, 1)
-        return (z.double().square() * self.precision).sum(-1).sqrt()
+        return (z.square() * self.precision.to(dtype)).sum(-1, dtype=torch.float64).sqrt()
 
 
 class MomentAccumulator:
