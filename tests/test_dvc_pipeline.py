@@ -24,7 +24,7 @@ PROJECT_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "data.dv
 MISMATCH_HINT = (
     "the demo data written here differs from what data.dvc pins. Either the generator changed "
     "(then regenerate, `dvc add data` and commit data.dvc) or this machine renders other bytes: "
-    "numpy's SIMD code paths (a float32 pixel rounding the other way) or Pillow's zlib build"
+    "Pillow's zlib build, or numpy or scipy maths that differ past float64's last bits"
 )
 
 

@@ -71,7 +71,8 @@ def _camera(rng: Rng, size: int, channels: int) -> Callable[[np.ndarray], np.nda
     y, x = (c / size * 2 - 1 for c in grid(size))
     gy, gx = rng.uniform(-0.08, 0.08, 2).tolist()
     light = (rng.uniform(0.9, 1.1) * (1 + gx * x + gy * y))[..., None]
-    noise = rng.uniform(0.006, 0.02) * rng.standard_normal((size, size, channels), dtype=np.float32)
+    level = rng.uniform(0.006, 0.02)
+    noise = level * rng.standard_normal((size, size, channels), dtype=np.float32).astype(np.float64)
     return lambda img: np.clip(np.rint((img * light + noise) * 255), 0, 255).astype(np.uint8)
 
 
