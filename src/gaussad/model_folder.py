@@ -42,12 +42,42 @@ def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], 
                        config: dict) -> Path:
     """Write config.json (with its digest) + the tensors file; the folder appears whole or not at all,
     and an existing folder is replaced only if it is a gaussad model folder."""
+    return _publish(directory, tensors_file, config, lambda target: save_file(tensors, str(target)))
+
+
+def rewrite_config(directory: str | Path, tensors: dict[str, torch.Tensor], tensors_file: str,
+                   config: dict) -> Path | None:
+    """Give a model folder a new config.json (new thresholds, say) and keep its tensors file, linked
+    into the new folder rather than written again (100 MB and more for per-position Gaussians).
+    Only where that file holds exactly `tensors`; else nothing is written, and None says to save whole."""
+    path = check_model_destination(directory) / tensors_file
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError):
+        return None
+    if saved.keys() != tensors.keys() or not all(
+            saved[k].dtype == t.dtype and saved[k].shape == t.shape and torch.equal(saved[k], t)
+            for k, t in tensors.items()):
+        return None
+
+    def link(target: Path) -> None:
+        try:
+            os.link(path, target)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, target)
+
+    return _publish(directory, tensors_file, config, link)
+
+
+def _publish(directory: str | Path, tensors_file: str, config: dict, write_tensors) -> Path:
+    """Write a model folder beside `directory`: `write_tensors(path)` makes its tensors file, then
+    config.json with the digest of both; flushed, then swapped into place (replace_folder)."""
     directory = check_model_destination(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_scratch(directory.parent, f".{glob.escape(directory.name)}.partial-*")
     partial = scratch_folder(directory)
     try:
-        save_file(tensors, str(partial / tensors_file))
+        write_tensors(partial / tensors_file)
         signed = {**config, DIGEST_KEY: model_digest(config, partial / tensors_file)}
         (partial / "config.json").write_text(json.dumps(signed, indent=2))
         _sync(partial)
@@ -58,40 +88,6 @@ def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], 
         raise OutputError(f"cannot save the model to {directory}: {reason}; "
                           f"{'the model already there is unchanged' if directory.exists() else 'nothing was written'}"
                           ) from None
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return directory
-
-
-def rewrite_config(directory: str | Path, tensors: dict[str, torch.Tensor], tensors_file: str,
-                   config: dict) -> Path | None:
-    """Give a model folder a new config.json (new thresholds, say) and keep its tensors file, linked
-    into the new folder rather than written again (100 MB and more for per-position Gaussians).
-    Only where that file holds exactly `tensors`; else nothing is written, and None says to save whole."""
-    directory = check_model_destination(directory)
-    path = directory / tensors_file
-    try:
-        saved = load_file(str(path))
-    except (SafetensorError, OSError):
-        return None
-    if saved.keys() != tensors.keys() or not all(
-            saved[k].dtype == t.dtype and saved[k].shape == t.shape and torch.equal(saved[k], t)
-            for k, t in tensors.items()):
-        return None
-    partial = scratch_folder(directory)
-    try:
-        try:
-            os.link(path, partial / tensors_file)
-        except OSError:  # a file system without hard links
-            shutil.copy2(path, partial / tensors_file)
-        signed = {**config, DIGEST_KEY: model_digest(config, partial / tensors_file)}
-        (partial / "config.json").write_text(json.dumps(signed, indent=2))
-        _sync(partial)
-        check_model_destination(directory)
-        replace_folder(partial, directory)
-    except OSError as err:  # a full disk, a read-only folder: what was there stays as it was
-        raise OutputError(f"cannot save the model to {directory}: {err.strerror or err}; the model already "
-                          f"there is unchanged") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return directory
