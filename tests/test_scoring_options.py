@@ -13,7 +13,7 @@ from scipy.ndimage import gaussian_filter
 
 from gaussad.data import load_category
 from gaussad.detector import split_holdout
-from gaussad.feature_maps import local_average, smooth, split_channels, stack_levels
+from gaussad.feature_maps import local_average, map_operator, smoothing_matrix, split_channels, stack_levels
 from gaussad.networks import LITE0_PACKAGE
 from gaussad.gaussian_detector import GaussianAD
 from gaussad.model_folder import model_digest
@@ -47,10 +47,23 @@ def scores(models, category):
 
 @pytest.mark.parametrize("sigma, size", [(4, 64), (1.5, 20), (4, 9), (2.5, 3)])
 def test_smoothing_is_scipys_gaussian_filter(sigma, size):
+    """Kernels wider than the map included (the mirror reflects more than once)."""
     maps = np.random.default_rng(size).random((3, size, size))
     reference = np.stack([gaussian_filter(m, sigma, mode="mirror", truncate=4.0) for m in maps])
-    np.testing.assert_allclose(smooth(torch.from_numpy(maps), sigma).numpy(), reference, atol=1e-12)
-    np.testing.assert_array_equal(smooth(torch.from_numpy(maps), 0).numpy(), maps)  # σ 0: off
+    operator = smoothing_matrix(size, sigma)
+    np.testing.assert_allclose((operator @ torch.from_numpy(maps) @ operator.T).numpy(), reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma, size, out", [(2, 14, 64), (4, 7, 64), (0, 14, 64), (1.5, 28, 28)])
+def test_map_operator_is_bilinear_upsampling_then_smoothing(sigma, size, out):
+    """Against F.interpolate's bilinear resizing and scipy's filter (σ 0: the resizing alone)."""
+    maps = torch.from_numpy(np.random.default_rng(size).random((2, size, size)))
+    upsampled = torch.nn.functional.interpolate(maps[:, None], size=(out, out), mode="bilinear",
+                                                align_corners=False)[:, 0].numpy()
+    reference = upsampled if sigma == 0 else np.stack(
+        [gaussian_filter(m, sigma, mode="mirror", truncate=4.0) for m in upsampled])
+    operator = map_operator(size, out, sigma)
+    np.testing.assert_allclose((operator @ maps @ operator.T).numpy(), reference, atol=1e-12)
 
 
 def test_smoothed_maps_are_the_raw_maps_filtered(scores):

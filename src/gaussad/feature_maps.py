@@ -3,9 +3,9 @@
     local_average(feats, k)   each position's features averaged over its k×k neighbourhood
     stack_levels(maps)        feature maps of several levels at the finest one's size, concatenated
     split_channels(subset, widths)  a subset of stacked channels as each level's own channels
-    smooth(maps, sigma)       Gaussian smoothing of anomaly maps (σ in pixels), as
-                              scipy.ndimage.gaussian_filter(mode="mirror", truncate=4) computes it
-    map_operator(h, S, sigma) the matrix that upsamples an h×h map to S×S and smooths it, per side
+    map_operator(h, S, sigma) the matrix A that upsamples an h×h map d to S×S (bilinear) and smooths it
+                              (σ in pixels) as A @ d @ Aᵀ, as F.interpolate and then
+                              scipy.ndimage.gaussian_filter(mode="mirror", truncate=4) compute it
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 def map_operator(size: int, out_size: int, sigma: float) -> torch.Tensor:
     """[out_size, size] float64 A such that A @ d @ Aᵀ is a size×size map d upsampled bilinearly
     (F.interpolate, align_corners=False) to out_size and then smoothed with σ `sigma` (0: not),
-    as `smooth` does: both are linear and separable, so two small matrix products replace the
-    interpolation and the convolutions (a 17-tap convolution of 224 px maps cost 3 ms an image)."""
+    both are linear and separable, so two small matrix products replace the interpolation and the
+    convolutions (a 17-tap convolution of 224 px maps cost 3 ms an image)."""
     eye = torch.eye(size, dtype=torch.float64)[None, None]
     upsample = F.interpolate(eye, size=(out_size, size), mode="bilinear", align_corners=False)[0, 0]
     if sigma <= 0:
@@ -82,16 +82,6 @@ def smoothing_matrix(size: int, sigma: float) -> torch.Tensor:
     radius = len(kernel) // 2
     columns = _mirror_pad(torch.eye(size, dtype=torch.float64)[None, None], (0, 0, radius, radius))
     return F.conv2d(columns, kernel.view(1, 1, -1, 1))[0, 0]
-
-
-def smooth(maps_nhw: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Maps [n, H, W] smoothed by a Gaussian of σ `sigma` pixels (0: unchanged), separably, the
-    borders mirrored (without repeating the edge pixel)."""
-    if sigma <= 0:
-        return maps_nhw
-    down = smoothing_matrix(maps_nhw.shape[1], sigma).to(maps_nhw.device, maps_nhw.dtype)
-    along = smoothing_matrix(maps_nhw.shape[2], sigma).to(maps_nhw.device, maps_nhw.dtype)
-    return down @ maps_nhw @ along.T
 
 
 def _mirror_pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:

@@ -65,7 +65,7 @@ class MomentAccumulator:
             self.sum = torch.zeros_like(self.shift)
             self.outer = torch.zeros(*self.shift.shape, self.shift.shape[-1], dtype=self.dtype, device=x.device)
         self.n += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64) - x.shape[0] * self.shift  # Σ(x-K), exact in float64
+        self.sum += x.sum(0, dtype=torch.float64) - x.shape[0] * self.shift  # Σ(x-K), in float64
         y = (x.to(self.dtype) - self.shift.to(self.dtype)).transpose(0, 1)  # [G, n, D]
         self.outer.baddbmm_(y.transpose(1, 2), y)  # in place: no second [G, D, D]
 
