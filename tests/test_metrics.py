@@ -79,6 +79,20 @@ def test_image_auroc_rejects_bad_labels():
         image_auroc([0, 1], [0.1, 0.2, 0.3])
 
 
+@pytest.mark.parametrize("positives", [0.01, 0.5, 0.99])
+@pytest.mark.parametrize("ties", [False, True])
+def test_auroc_matches_sklearn_whatever_the_class_balance(positives, ties):
+    """float32 scores, few or many positives, with and without ties."""
+    rng = np.random.default_rng(int(positives * 100) + ties)
+    labels = rng.random(5000) < positives
+    scores = (rng.normal(size=5000) + labels).astype(np.float32)
+    if ties:
+        scores = np.round(scores * 3) / 3
+    expected = roc_auc_score(labels, scores)
+    assert image_auroc(labels, scores) == pytest.approx(expected, abs=1e-12)
+    assert pixel_auroc(labels.reshape(1, 50, 100), scores.reshape(1, 50, 100)) == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pixel_auroc_matches_sklearn_on_flat_arrays(seed):
     masks, maps = random_masks_maps(seed, ties=bool(seed))

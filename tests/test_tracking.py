@@ -176,6 +176,8 @@ def test_pipeline_run_is_logged_with_nested_category_runs(mlflow_server, run_dir
         assert child.data.metrics["extract_train_images_per_second"] == pytest.approx(
             timings["n_train_images"] / timings["extract_train_seconds"])
         assert timings["n_train_images"] == 8 and timings["fit_seconds"] > 0
+        size = sum(f.stat().st_size for f in (run_dir / category / "model").iterdir())
+        assert child.data.metrics["model_size_mb"] == pytest.approx(size / 2**20, abs=0.01)
         assert child.data.params["reduction"] == "npca" and child.data.params["levels"] == "[3, 4]"
         assert child.data.tags["model_type"] == "gaussian"
         model_files = {a.path for a in client.list_artifacts(child.info.run_id, "model")}

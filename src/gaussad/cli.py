@@ -26,6 +26,7 @@ from gaussad.errors import GaussadError
 from gaussad.detector import Detector
 from gaussad.detectors import load_model
 from gaussad.export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportedDetector, export_onnx
+from gaussad.model_folder import folder_megabytes
 from gaussad.validation import check_choice
 from gaussad.output_folders import check_model_destination, check_output_folder, claim_output_folder
 
@@ -147,7 +148,8 @@ def _fit(args: argparse.Namespace) -> None:
     model, fit_options = model_from_arguments(args)
     model.fit(category.train, **fit_options)
     model.save(args.model)
-    print(f"fitted {category.name} on {model.fit_info['n_train_images']} images -> {args.model}")
+    print(f"fitted {category.name} on {model.fit_info['n_train_images']} images -> {args.model} "
+          f"({folder_megabytes(args.model):.1f} MB)")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -171,6 +171,11 @@ def _sync(folder: Path) -> None:
             os.fsync(file.fileno())
 
 
+def folder_megabytes(directory: Path) -> float:
+    """The size of a model folder's files, in MB (2²⁰ bytes), to two decimals."""
+    return round(sum(path.stat().st_size for path in directory.iterdir() if path.is_file()) / 2**20, 2)
+
+
 def read_model_type(directory: Path) -> str | None:
     """The model_type a model folder's config.json names."""
     return read_json(directory / "config.json").get("model_type")

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from gaussad.errors import TrackingError
 from gaussad.evaluate import TEST_METRICS
 from gaussad.detectors import DEFAULT_MODEL_TYPE, detector_class
+from gaussad.model_folder import folder_megabytes
 from gaussad.registry import register_model
 
 DEFAULT_EXPERIMENT = "gaussad"
@@ -118,6 +119,7 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, 
         values = {k: metrics[k] for k in METRICS if metrics.get(k) is not None}
         values.update({f"threshold_{k}": v for k, v in metrics["thresholds"].items()})
         values.update(_stage_times(folder / "timings.json"))
+        values["model_size_mb"] = folder_megabytes(folder / "model")
         mlflow.log_metrics(values)
         _log_loss_curves(client, run.info.run_id, config.get("loss_history", []))
         mlflow.log_artifacts(str(folder / "model"), "model")
