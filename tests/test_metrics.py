@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 from skimage.measure import label as skimage_label
-from sklearn.metrics import f1_score, recall_score, roc_auc_score
+from sklearn.metrics import f1_score, precision_recall_curve, recall_score, roc_auc_score, roc_curve
 
 from gaussad.metrics import (
     aupro,
@@ -10,6 +10,7 @@ from gaussad.metrics import (
     image_auroc,
     normal_quantile_threshold,
     pixel_auroc,
+    roc_points,
 )
 
 
@@ -225,3 +226,17 @@ def test_normal_quantile_threshold_matches_numpy(quantile):
 def test_normal_quantile_threshold_rejects_bad_quantile(quantile):
     with pytest.raises(ValueError, match="quantile"):
         normal_quantile_threshold([0.1, 0.2], quantile)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ties", [False, True])
+def test_roc_points_and_f1_threshold_are_sklearns(seed, ties):
+    """Against roc_curve(drop_intermediate=False), and the F1 maximum over precision_recall_curve
+    (its first maximum, in its ascending threshold order)."""
+    labels, scores = random_labels_scores(seed, ties=ties)
+    for got, want in zip(roc_points(labels, scores), roc_curve(labels, scores, drop_intermediate=False)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    total = precision[:-1] + recall[:-1]
+    f1 = np.divide(2 * precision[:-1] * recall[:-1], total, out=np.zeros_like(total), where=total > 0)
+    assert f1_optimal_threshold(labels, scores) == pytest.approx((thresholds[np.argmax(f1)], f1.max()), abs=1e-12)

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_curve
 
 from gaussad.data import Category, read_mask, read_rgb
-from gaussad.metrics import aupro, best_balanced_accuracy, f1_optimal_threshold, image_auroc, pixel_auroc
+from gaussad.metrics import aupro, best_balanced_accuracy, f1_optimal_threshold, image_auroc, pixel_auroc, roc_points
 from gaussad.detector import Detector, Scores
 from gaussad.features import to_tensor
 from gaussad.output_folders import claim_output_folder
@@ -109,7 +108,7 @@ def _plots(model: Detector, category: Category, scores: Scores, out_dir: Path, n
     title = f"{category.name}: {model.config['backbone']}"
     if 0 < labels.sum() < len(labels):
         save_roc_curve(labels, scores.image, out_dir / "roc.png", title)
-        fpr, tpr, _ = roc_curve(labels, scores.image)
+        fpr, tpr, _ = roc_points(labels, scores.image)
         pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(out_dir / "roc.csv", index=False)
     thresholds = {k: v for k, v in model.thresholds.items() if k.startswith("image_")}
     save_score_histogram(scores.image[labels == 0], scores.image[labels == 1], out_dir / "histogram.png", title,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
@@ -151,20 +150,40 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float | None:
     return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
+def operating_points(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, true positives, false positives) of ``scores >= threshold`` at each distinct
+    score, highest first: the points scikit-learn's curves are made of, without its import (a
+    second of evaluate's start-up). labels, scores: 1-D of length N."""
+    labels, scores = _binary_labels(labels, scores)
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    ordered, hits = scores[order], labels[order]
+    last_of_tie = np.append(np.flatnonzero(np.diff(ordered)), len(ordered) - 1)
+    true_positives = np.cumsum(hits)[last_of_tie]
+    return ordered[last_of_tie], true_positives, last_of_tie + 1 - true_positives
+
+
+def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) as sklearn's roc_curve(drop_intermediate=False): from (0, 0) at an
+    infinite threshold to (1, 1). Raises ValueError unless both classes are present."""
+    thresholds, tp, fp = operating_points(labels, scores)
+    if tp[-1] == 0 or fp[-1] == 0:
+        raise ValueError("a ROC curve needs both normal and anomalous labels")
+    return (np.concatenate(([0.0], fp / fp[-1])), np.concatenate(([0.0], tp / tp[-1])),
+            np.concatenate(([np.inf], thresholds)))
+
+
 def f1_optimal_threshold(labels, scores) -> tuple[float, float]:
-    """(threshold, F1) maximising F1 of ``scores >= threshold`` over the observed scores.
+    """(threshold, F1) maximising F1 of ``scores >= threshold`` over the observed scores (the
+    lowest such threshold on a tie, as sklearn's precision_recall_curve orders them).
 
     labels, scores: 1-D of length N. Raises ValueError unless both classes are present.
     """
-    labels, scores = _binary_labels(labels, scores)
-    _require_both_classes(labels)
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    _require_both_classes(_binary_labels(labels, scores)[0])
+    thresholds, tp, fp = operating_points(labels, scores)
+    precision, recall = tp / (tp + fp), tp / tp[-1]
     denominator = precision + recall
-    f1 = np.divide(
-        2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
-    )
-    best = int(np.argmax(f1))
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # ascending thresholds: the first maximum
     return float(thresholds[best]), float(f1[best])
 
 
@@ -174,9 +193,8 @@ def best_balanced_accuracy(labels, scores) -> tuple[float, float]:
     The measure reported by the PIADE paper. labels, scores: 1-D of length N.
     Raises ValueError unless both classes are present.
     """
-    labels, scores = _binary_labels(labels, scores)
-    _require_both_classes(labels)
-    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    _require_both_classes(_binary_labels(labels, scores)[0])
+    fpr, tpr, thresholds = roc_points(labels, scores)
     fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop the +inf starting point
     balanced = (tpr + 1.0 - fpr) / 2.0
     best = int(np.argmax(balanced))

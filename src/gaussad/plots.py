@@ -12,7 +12,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-from sklearn.metrics import roc_auc_score, roc_curve
+
+from gaussad.metrics import image_auroc, roc_points
 
 
 def _save(figure: Figure, path) -> None:
@@ -28,13 +29,10 @@ def _save(figure: Figure, path) -> None:
 
 def save_roc_curve(labels, scores, path, title: str) -> None:
     """ROC curve of N scores against N binary labels (1 = anomalous), AUROC in the legend."""
-    labels = np.asarray(labels).astype(bool)
-    if labels.all() or not labels.any():
-        raise ValueError("a ROC curve needs both normal and anomalous labels")
-    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr, _ = roc_points(labels, scores)
     figure = Figure(figsize=(5, 5), dpi=100, layout="constrained")
     axes = figure.add_subplot()
-    axes.plot(fpr, tpr, lw=2, label=f"AUROC = {roc_auc_score(labels, scores):.4f}")
+    axes.plot(fpr, tpr, lw=2, label=f"AUROC = {image_auroc(labels, scores):.4f}")
     axes.plot([0, 1], [0, 1], ls="--", color="grey", label="chance")
     axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate",
              ylabel="True positive rate", title=title, aspect="equal")
