@@ -131,6 +131,23 @@ def test_bad_options_name_the_value():
 
 # ---- stacked per-location Gaussians, local averaging, ridge covariance ---------------------------------
 
+def test_binomial_local_average_is_the_weighted_mean_over_each_neighbourhood():
+    """Weights 1 2 1 / 2 4 2 / 1 2 1 (5×5: 1 4 6 4 1 outer itself), at the borders normalised over
+    the positions that exist; by hand in NumPy."""
+    feats = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    x = feats.numpy()
+    for size, row in ((3, [1, 2, 1]), (5, [1, 4, 6, 4, 1])):
+        weights, r = np.outer(row, row).astype(float), size // 2
+        reference = np.empty_like(x)
+        for i in range(5):
+            for j in range(6):
+                rows, cols = range(max(i - r, 0), min(i + r + 1, 5)), range(max(j - r, 0), min(j + r + 1, 6))
+                w = np.array([[weights[a - i + r, b - j + r] for b in cols] for a in rows])
+                window = x[:, :, rows.start:rows.stop, cols.start:cols.stop]
+                reference[:, :, i, j] = (window * w).sum((2, 3)) / w.sum()
+        np.testing.assert_allclose(local_average(feats, size, "binomial").numpy(), reference, atol=1e-12)
+
+
 def test_local_average_is_the_mean_over_each_neighbourhood():
     feats = torch.randn(2, 3, 5, 6, dtype=torch.float64)
     x = feats.numpy()
@@ -212,11 +229,11 @@ def _average_3x3(x: np.ndarray) -> np.ndarray:
     return averaged
 
 
-@pytest.mark.parametrize("spatial, channels", [("stacked", None), ("per-location", None), ("stacked", 24),
-                                               ("per-location", 30)])
-def test_stacked_and_ridge_models_save_and_load(category, spatial, channels, tmp_path):
+@pytest.mark.parametrize("spatial, channels, weights", [("stacked", None, "box"), ("per-location", None, "box"),
+                                                        ("stacked", 24, "binomial"), ("per-location", 30, "binomial")])
+def test_stacked_and_ridge_models_save_and_load(category, spatial, channels, weights, tmp_path):
     model = make_model(pixel_levels=(2, 3), spatial=spatial, local_average=3, covariance="ridge",
-                       pixel_channels=channels).fit(category.train)
+                       pixel_channels=channels, local_weights=weights).fit(category.train)
     if channels is not None:  # per level, a subset where the level is wider (level 2 has 24 channels)
         widths = {key: g.mean.shape[1] for key, g in model.pixel_gaussians.items()}
         assert widths == ({"stacked": 24} if spatial == "stacked" else {2: 24, 3: 30})

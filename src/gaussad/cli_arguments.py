@@ -39,6 +39,8 @@ MODEL_TYPE_FLAGS = {
                            help="one Gaussian per level shared by all positions (default), one per position, "
                                 "or the pixel levels stacked at the finest one, one per position")),
         ("--local-average", dict(type=int, help="average pixel features over k×k first (odd k; default 1: off)")),
+        ("--local-weights", dict(choices=("box", "binomial"),
+                                 help="the k×k average's weights: all alike (default) or the centre most")),
         ("--covariance", dict(choices=("ledoit-wolf", "ridge"), help="default ledoit-wolf")),
         ("--ridge", dict(type=float, help="ε of --covariance ridge (Σ + εI; default 0.01)")),
         ("--image-score", dict(choices=("pooled", "map-max", "combined"),

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from gaussad.data import ImageSet
 from gaussad.detector import Detector, Scores, image_paths, split_holdout
 from gaussad.errors import ModelFileError
-from gaussad.feature_maps import local_average, map_operator, split_channels, stack_levels
+from gaussad.feature_maps import LOCAL_WEIGHTS, local_average, map_operator, split_channels, stack_levels
 from gaussad.features import Backbone, FeatureStore
 from gaussad.gaussian import COVARIANCES, REDUCTIONS, Gaussian, fit_gaussian
 from gaussad.validation import check_choice, check_number
@@ -44,10 +44,11 @@ class GaussianAD(Detector):
     NAME = "Gaussian"
     CONFIG_KEYS = ("backbone", "weights", "levels", "image_size", "reduction", "variance", "spatial",
                    "normal_quantile", "seed", "image_score", "pixel_levels", "smoothing", "local_average",
-                   "covariance", "ridge", "pixel_channels")
+                   "covariance", "ridge", "pixel_channels", "local_weights")
     # Settings added since format 2 came out: a folder saved before lacks them, and meant these.
     ADDED_KEYS = {"image_score": "pooled", "pixel_levels": None, "smoothing": 0.0, "local_average": 1,
-                  "covariance": "ledoit-wolf", "ridge": 0.01, "pixel_channels": None}
+                  "covariance": "ledoit-wolf", "ridge": 0.01, "pixel_channels": None,
+                  "local_weights": "box"}
     PRESETS = {
         # The paper's configuration; its weights come from the timm hub (or its local cache).
         "paper": {"backbone": PAPER_BACKBONE, "weights": "timm", "levels": (3, 4, 5, 6, 7), "image_size": 380},
@@ -56,14 +57,15 @@ class GaussianAD(Detector):
                         "levels": (3, 4, 5, 6, 7), "image_size": 224},
         # The best offline configuration found on real defects (ELPV polycrystalline cells, with and
         # without drawn cracks, and the demo: benchmarks/tune_gaussian.py, docs/results.md): levels
-        # 2-5 (strides 4, 8, 16, 16) 3×3-averaged, stacked at stride 4 (thin cracks need it), 128 of
-        # their 256 channels at random (as PaDiM: the fit costs what stride 8 did), one Gaussian per
-        # position with a ridge covariance (Ledoit-Wolf per position fails with few training
-        # images); the image score is the maximum of the map smoothed with σ 2 px.
+        # 2-5 (strides 4, 8, 16, 16) 3×3-averaged with binomial weights (thin defects stay sharper
+        # than under a box), stacked at stride 4 (thin cracks need it), 128 of their 256 channels at
+        # random (as PaDiM: the fit costs what stride 8 did), one Gaussian per position with a ridge
+        # covariance (Ledoit-Wolf per position fails with few training images); the image score is
+        # the maximum of the map smoothed with σ 2 px.
         "lite0": {"backbone": "tf_efficientnet_lite0", "weights": "package:efficientnet-lite0",
                   "levels": (2, 3, 4, 5), "pixel_levels": (2, 3, 4, 5), "image_size": 224,
-                  "spatial": "stacked", "local_average": 3, "pixel_channels": 128, "covariance": "ridge", "ridge": 0.1,
-                  "image_score": "map-max", "smoothing": 2.0},
+                  "spatial": "stacked", "local_average": 3, "local_weights": "binomial", "pixel_channels": 128,
+                  "covariance": "ridge", "ridge": 0.1, "image_score": "map-max", "smoothing": 2.0},
     }
     FEATURE_KEYS = ("backbone", "weights", "levels", "pixel_levels", "image_size", "seed")  # what its features depend on
     PARAMS_BLOCK = "model"
@@ -87,6 +89,7 @@ class GaussianAD(Detector):
         covariance: str = "ledoit-wolf",
         ridge: float = 0.01,
         pixel_channels: int | None = None,
+        local_weights: str = "box",
         batch_size: int = 16,
         device: str | torch.device | None = None,
         progress: bool = True,
@@ -99,7 +102,8 @@ class GaussianAD(Detector):
         spatial: one Gaussian per pixel level `shared` by all positions, or one per position
         (`per-location`, as PaDiM), or `stacked`: the pixel levels resized to the finest one and
         concatenated, one Gaussian per position; local_average: each position's pixel features
-        averaged over its k×k neighbourhood first (odd k; 1: off); covariance: `ledoit-wolf` shrinkage
+        averaged over its k×k neighbourhood first (odd k; 1: off), every position alike (`box`) or
+        the centre counting most (`binomial`, local_weights); covariance: `ledoit-wolf` shrinkage
         or `ridge` (+ ridge·I, as PaDiM), in the axes the reduction keeps; pixel_channels: how many
         of each pixel Gaussian's input channels to keep, chosen at random (seeded; None: all)."""
         self._set_runtime(device, batch_size, progress, runtime)
@@ -122,6 +126,7 @@ class GaussianAD(Detector):
             "ridge": check_number("ridge", ridge, float, 0, open_low=True),
             "pixel_channels": None if pixel_channels is None else
             check_number("pixel_channels", pixel_channels, int, 1),
+            "local_weights": check_choice("local_weights", local_weights, LOCAL_WEIGHTS),
         }
         if self.config["local_average"] % 2 == 0:
             raise ValueError(f"local_average must be odd (a centred k×k window), got {local_average}")
@@ -193,7 +198,7 @@ class GaussianAD(Detector):
                     per_position)
             else:
                 self.pixel_gaussians[key] = fit(lambda level=key: (
-                    self._positions(local_average(self._subset(level, chunk), c["local_average"]))
+                    self._positions(local_average(self._subset(level, chunk), c["local_average"], c["local_weights"]))
                     for chunk in chunks()), per_position)
         self.fit_info["channels"] = {str(key): int(g.mean.shape[1]) for key, g in self.pixel_gaussians.items()}
         return self
@@ -227,15 +232,16 @@ class GaussianAD(Detector):
     def _pixel_inputs(self, feats: dict[int, torch.Tensor]) -> dict[int | str, torch.Tensor]:
         """The [n, C, h, w] features of each pixel Gaussian: per pixel level, its channel subset
         locally averaged, or (stacked) the levels at the finest one's size, concatenated."""
-        levels, k = self.config["pixel_levels"], self.config["local_average"]
+        levels, k, weights = self.config["pixel_levels"], self.config["local_average"], self.config["local_weights"]
         if self.config["spatial"] != STACKED:
-            return {level: local_average(self._subset(level, feats[level].to(self.device)), k) for level in levels}
+            return {level: local_average(self._subset(level, feats[level].to(self.device)), k, weights)
+                    for level in levels}
         maps = [feats[level].to(self.device) for level in levels]
         subset = self.channel_subsets.get(STACKED)
         if subset is not None:  # each level's share of the subset taken first: fewer channels averaged and resized
             parts = split_channels(subset, [m.shape[1] for m in maps])
             maps = [m.index_select(1, part.to(m.device)) for m, part in zip(maps, parts)]
-        return {STACKED: stack_levels([local_average(m, k) for m in maps])}
+        return {STACKED: stack_levels([local_average(m, k, weights) for m in maps])}
 
     @staticmethod
     def _score_scale(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
