@@ -24,6 +24,10 @@ from gaussad.gaussian_detector import GaussianAD
 
 BASE = dict(backbone="tf_efficientnet_lite0", weights=LITE0_PACKAGE, levels=(3, 4, 5, 6, 7))
 LITE0 = GaussianAD.PRESETS["lite0"]
+# `lite0` of the first tuning session (stride 8): the base of the rows tuned from it, kept as it was
+STRIDE8 = dict(backbone="tf_efficientnet_lite0", weights=LITE0_PACKAGE, levels=(3, 4, 5), pixel_levels=(3, 4, 5),
+               image_size=224, spatial="stacked", local_average=3, covariance="ridge", ridge=0.1,
+               image_score="map-max", smoothing=4.0)
 
 
 def stacked(levels: tuple[int, ...], average: int = 3, **settings) -> dict:
@@ -54,24 +58,26 @@ CONFIGS = {
     "stacked 3,4,5 avg3 ridge1 npca map-max": stacked((3, 4, 5), covariance="ridge", ridge=1.0),
     "stacked 2,3,5 avg3 ridge npca map-max": stacked((2, 3, 5), covariance="ridge"),
     "lite0": LITE0,
-    "lite0 npca 0.02": LITE0 | dict(variance=0.02),
-    "lite0 npca 0.01": LITE0 | dict(variance=0.01),
+    "lite0 box average": LITE0 | dict(local_weights="box"),
+    "stride 8 (lite0 before)": STRIDE8,
+    "lite0 npca 0.02": STRIDE8 | dict(variance=0.02),
+    "lite0 npca 0.01": STRIDE8 | dict(variance=0.01),
     "stacked 3,4,5 map-max": stacked((3, 4, 5), average=1),
-    "lite0 stride 4": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5)),
-    "lite0 stride 4 σ2": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), smoothing=2),
-    "lite0 stride 4 no average": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), local_average=1),
-    **{f"lite0 stride 4 σ2 {c} channels": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), smoothing=2,
+    "lite0 stride 4": STRIDE8 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5)),
+    "lite0 stride 4 σ2": STRIDE8 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), smoothing=2),
+    "lite0 stride 4 no average": STRIDE8 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), local_average=1),
+    **{f"lite0 stride 4 σ2 {c} channels": STRIDE8 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), smoothing=2,
                                                       pixel_channels=c) for c in (64, 100, 128)},
-    **{f"lite0 stride 4 {c} channels": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), pixel_channels=c)
+    **{f"lite0 stride 4 {c} channels": STRIDE8 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), pixel_channels=c)
        for c in (64, 100)},
-    "lite0 stride 4 levels 2-5 σ2 128 channels": LITE0 | dict(levels=(2, 3, 4, 5), pixel_levels=(2, 3, 4, 5),
+    "lite0 stride 4 levels 2-5 σ2 128 channels": STRIDE8 | dict(levels=(2, 3, 4, 5), pixel_levels=(2, 3, 4, 5),
                                                               smoothing=2, pixel_channels=128),
-    **{f"lite0 stride 4 levels 2-5 σ2 128 channels {name}": LITE0 | dict(
+    **{f"lite0 stride 4 levels 2-5 σ2 128 channels {name}": STRIDE8 | dict(
         levels=(2, 3, 4, 5), pixel_levels=(2, 3, 4, 5), smoothing=2, pixel_channels=128) | settings
        for name, settings in {"all axes": dict(reduction="none"), "npca 0.1": dict(variance=0.1),
                               "ridge 0.01": dict(ridge=0.01), "σ4": dict(smoothing=4.0),
                               "no average": dict(local_average=1)}.items()},
-    **{f"lite0 stride 4 σ2 {c} channels all axes": LITE0 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5),
+    **{f"lite0 stride 4 σ2 {c} channels all axes": STRIDE8 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5),
                                                                smoothing=2, pixel_channels=c, reduction="none")
        for c in (64, 100)},
 }
