@@ -75,3 +75,14 @@ def test_overlay_rejects_mask_of_wrong_size(tmp_path):
     image, mask = blob_image()
     with pytest.raises(ValueError, match="mask shape"):
         save_overlay(image, mask.astype(float), tmp_path / "o.png", "o", 0, 1, mask=mask[:10])
+
+
+def test_overlay_colours_are_matplotlibs_jet():
+    """The hand-drawn heat map's colours against matplotlib's "jet" map (within rounding)."""
+    from matplotlib import colormaps
+
+    from gaussad.plots import jet
+
+    values = np.linspace(0, 1, 257)
+    reference = colormaps["jet"].resampled(65536)(values)[:, :3] * 255  # finer than its 256-entry table
+    assert np.abs(jet(values).astype(float) - reference).max() <= 1

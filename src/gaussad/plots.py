@@ -89,12 +89,18 @@ TITLE_HEIGHT, LABEL_HEIGHT, COLOURBAR_WIDTH = 30, 22, 64
 _RGB = {"yellow": (255, 255, 0), "lime": (0, 255, 0), "white": (255, 255, 255), "black": (0, 0, 0)}
 
 
+# matplotlib's "jet" as its breakpoints (value, channel level), per channel
+_JET = {"red": ((0, 0.35, 0.66, 0.89, 1), (0, 0, 1, 1, 0.5)),
+        "green": ((0, 0.125, 0.375, 0.64, 0.91, 1), (0, 0, 1, 1, 0, 0)),
+        "blue": ((0, 0.11, 0.34, 0.65, 1), (0.5, 1, 1, 0, 0))}
+
+
 def jet(values: np.ndarray) -> np.ndarray:
-    """uint8 RGB of values in [0, 1] on the jet colour map (blue, cyan, yellow, red), as
-    matplotlib's "jet" draws it: each channel a clipped tent over 4·value."""
-    x = 4 * np.clip(values, 0, 1)[..., None]
-    channels = np.clip(1.5 - np.abs(x - np.array([3.0, 2.0, 1.0])), 0, 1)  # red, green, blue
-    return (channels * 255 + 0.5).astype(np.uint8)
+    """uint8 RGB of values in [0, 1] on matplotlib's "jet" colour map (blue, cyan, yellow, red),
+    interpolated between its breakpoints."""
+    values = np.clip(values, 0, 1)
+    channels = [np.interp(values, *_JET[name]) for name in ("red", "green", "blue")]
+    return (np.stack(channels, -1) * 255 + 0.5).astype(np.uint8)
 
 
 def _boundary(region: np.ndarray) -> np.ndarray:
