@@ -29,6 +29,9 @@ STRIDE8 = dict(backbone="tf_efficientnet_lite0", weights=LITE0_PACKAGE, levels=(
                image_size=224, spatial="stacked", local_average=3, covariance="ridge", ridge=0.1,
                image_score="map-max", smoothing=4.0)
 
+PADIM = dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5), spatial="stacked", local_average=1, covariance="ridge",
+             ridge=0.01, reduction="none", image_score="map-max", smoothing=4.0)
+
 
 def stacked(levels: tuple[int, ...], average: int = 3, **settings) -> dict:
     """Pixel `levels` stacked, k×k `average`d, one Gaussian per position, the smoothed map's
@@ -77,6 +80,17 @@ CONFIGS = {
        for name, settings in {"all axes": dict(reduction="none"), "npca 0.1": dict(variance=0.1),
                               "ridge 0.01": dict(ridge=0.01), "σ4": dict(smoothing=4.0),
                               "no average": dict(local_average=1)}.items()},
+    # from lite0 one setting at a time towards PaDiM's model (levels 2,3,5 all channels, no average,
+    # all axes, ridge 0.01, σ 4), which reproduces anomalib's PaDiM on the demo's weave
+    "PaDiM's model": PADIM,
+    **{f"lite0 {name}": LITE0 | settings for name, settings in {
+        "σ4": dict(smoothing=4.0), "no average": dict(local_average=1), "all channels": dict(pixel_channels=None),
+        "levels 2,3,5": dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5)), "all axes": dict(reduction="none"),
+        "ridge 0.01": dict(ridge=0.01)}.items()},
+    **{f"PaDiM's model {name}": PADIM | settings for name, settings in {
+        "binomial average": dict(local_average=3, local_weights="binomial"), "σ2": dict(smoothing=2.0),
+        "128 channels": dict(pixel_channels=128), "npca 0.05": dict(reduction="npca"),
+        "ridge 0.1": dict(ridge=0.1), "levels 2-5": dict(levels=(2, 3, 4, 5), pixel_levels=(2, 3, 4, 5))}.items()},
     **{f"lite0 stride 4 σ2 {c} channels all axes": STRIDE8 | dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5),
                                                                smoothing=2, pixel_channels=c, reduction="none")
        for c in (64, 100)},
