@@ -120,16 +120,17 @@ def evaluate_model(name: str, dataset_root: str, model_dir: str, test_store: str
             seconds = time.perf_counter() - start
             evaluate(model, category, scratch / "evaluation", scores=scores, score_seconds=seconds)  # may reconstruct
         model.save(scratch / "model")  # with the thresholds calibrated on the labelled test split
-        (scratch / "timings.json").write_text(json.dumps(timings(model, store, seconds, category), indent=2))
+        (scratch / "timings.json").write_text(json.dumps(timings(model, store, seconds, len(category.test)), indent=2))
     return str(out)
 
 
-def timings(model: Detector, test_store: FeatureStore | None, score_seconds: float, category: Category) -> dict:
+def timings(model: Detector, test_store: FeatureStore | None, score_seconds: float, n_test_images: int) -> dict:
     """timings.json: what fitting measured, the test features' extraction (if any), scoring, image counts."""
     fitted = {to: model.fit_info[key] for key, to in FIT_TIMINGS.items() if key in model.fit_info}
     extracted = {"extract_test_seconds": test_store.seconds} if test_store else {}
     return {**fitted, **extracted, "score_seconds": round(score_seconds, 3),
-            "n_train_images": len(category.train), "n_test_images": len(category.test)}
+            "n_train_images": model.fit_info["n_train_images"] + model.fit_info["n_holdout_images"],
+            "n_test_images": n_test_images}
 
 
 # ---- one category's chain of tasks -------------------------------------------------------------
