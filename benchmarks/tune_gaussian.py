@@ -16,7 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from gaussad.data import load_category
+from gaussad.detector import Scores
 from gaussad.evaluate import test_metrics
 from gaussad.features import FeatureStore
 from gaussad.networks import LITE0_PACKAGE
@@ -86,7 +89,8 @@ CONFIGS = {
     **{f"lite0 {name}": LITE0 | settings for name, settings in {
         "σ4": dict(smoothing=4.0), "no average": dict(local_average=1), "all channels": dict(pixel_channels=None),
         "levels 2,3,5": dict(levels=(2, 3, 5), pixel_levels=(2, 3, 5)), "all axes": dict(reduction="none"),
-        "ridge 0.01": dict(ridge=0.01)}.items()},
+        "ridge 0.01": dict(ridge=0.01),
+        **{f"no average {c} channels": dict(local_average=1, pixel_channels=c) for c in (64, 96)}}.items()},
     **{f"PaDiM's model {name}": PADIM | settings for name, settings in {
         "binomial average": dict(local_average=3, local_weights="binomial"), "σ2": dict(smoothing=2.0),
         "128 channels": dict(pixel_channels=128), "npca 0.05": dict(reduction="npca"),
@@ -95,6 +99,29 @@ CONFIGS = {
                                                                smoothing=2, pixel_channels=c, reduction="none")
        for c in (64, 100)},
 }
+
+
+# An experiment only: the Gaussians fitted without the local average, the test features averaged
+SCORED_AVERAGE = "scored with local_average"
+CONFIGS["lite0 fitted unaveraged, scored averaged"] = LITE0 | {"local_average": 1, SCORED_AVERAGE: 3}
+CONFIGS["lite0 fitted unaveraged, scored averaged σ4"] = LITE0 | {"local_average": 1, SCORED_AVERAGE: 3, "smoothing": 4.0}
+
+# Image scores of one configuration with the maps of another (or the mean of both maps): what two
+# Gaussians in one model would give
+HYBRIDS = {"unaveraged Gaussians: image score from averaged features, no-average map": (
+               "lite0 fitted unaveraged, scored averaged", "lite0 no average"),
+           "unaveraged Gaussians: image score from averaged features, mean map": (
+               "lite0 fitted unaveraged, scored averaged", ("lite0 fitted unaveraged, scored averaged", "lite0 no average")),
+           "lite0 image score, mean of its map and the no-average map": ("lite0", ("lite0", "lite0 no average")),
+           "lite0 image score, no-average map": ("lite0", "lite0 no average"),
+           "lite0 image score, PaDiM's map": ("lite0", "PaDiM's model"),
+           **{f"lite0 image score, no-average {c}-channel map": ("lite0", f"lite0 no average {c} channels")
+              for c in (64, 96)}}
+
+
+def _row(name: str, metrics: dict, settings: dict, **extra) -> dict:
+    rounded = {key: metrics[key] and round(metrics[key], 4) for key in ("image_auroc", "pixel_auroc", "aupro")}
+    return {"config": name, **rounded, **extra, "settings": settings}
 
 
 def main() -> None:
@@ -108,26 +135,36 @@ def main() -> None:
     category = load_category(args.data, args.category)
     all_levels = sorted({2, 3, 4, 5, 6, 7})
     extractor = GaussianAD(**{**BASE, "pixel_levels": all_levels}, image_size=args.image_size, progress=True)
-    rows = []
+    rows, scored_by = [], {}
     with tempfile.TemporaryDirectory(prefix="gaussad-tune-") as tmp:
         train = FeatureStore.write(extractor.backbone, category.train.paths, Path(tmp) / "train", 16, True, "train")
         test = FeatureStore.write(extractor.backbone, category.test.paths, Path(tmp) / "test", 16, True, "test")
         for name in args.configs:
-            model = GaussianAD(**{**BASE, **CONFIGS[name], "image_size": args.image_size}, progress=False)
+            settings = dict(CONFIGS[name])
+            scored_average = settings.pop(SCORED_AVERAGE, None)
+            model = GaussianAD(**{**BASE, **settings, "image_size": args.image_size}, progress=False)
             model.backbone = extractor.backbone  # the features are in the stores; no second network
             started = time.perf_counter()
             model.fit_store(train)
             fitted = time.perf_counter()
+            if scored_average:  # the Gaussians of unaveraged features score averaged ones
+                model.config["local_average"] = scored_average
             scores = model.score_store(test)
             scored = time.perf_counter()
             metrics = test_metrics(category, scores, args.image_size)
             size_mb = sum(t.numel() * t.element_size() for t in model._tensors().values()) / 2**20
-            row = {"config": name, "image_auroc": round(metrics["image_auroc"], 4),
-                   "pixel_auroc": metrics["pixel_auroc"] and round(metrics["pixel_auroc"], 4),
-                   "fit_s": round(fitted - started, 1), "score_s": round(scored - fitted, 1),
-                   "model_mb": round(size_mb, 1), "settings": CONFIGS[name]}
+            row = _row(name, metrics, CONFIGS[name], fit_s=round(fitted - started, 1),
+                       score_s=round(scored - fitted, 1), model_mb=round(size_mb, 1))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            scored_by[name] = scores
+    for name, (image_from, maps_from) in HYBRIDS.items():
+        maps_from = (maps_from,) if isinstance(maps_from, str) else maps_from
+        if {image_from, *maps_from} <= set(scored_by):
+            scores = Scores(scored_by[image_from].image, np.mean([scored_by[m].maps for m in maps_from], 0))
+            rows.append(_row(name, test_metrics(category, scores, args.image_size),
+                             {"image scores": image_from, "maps": maps_from}))
+            print(json.dumps(rows[-1]), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"data": args.data, "category": args.category, "rows": rows}, indent=1))
 

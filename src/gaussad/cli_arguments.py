@@ -41,6 +41,8 @@ MODEL_TYPE_FLAGS = {
         ("--local-average", dict(type=int, help="average pixel features over k×k first (odd k; default 1: off)")),
         ("--local-weights", dict(choices=("box", "binomial"),
                                  help="the k×k average's weights: all alike (default) or the centre most")),
+        ("--map-local-average", dict(type=int, help="stacked, map-max: a second Gaussian on k×k-averaged features "
+                                                  "(1: none), its map averaged into the anomaly map")),
         ("--covariance", dict(choices=("ledoit-wolf", "ridge"), help="default ledoit-wolf")),
         ("--ridge", dict(type=float, help="ε of --covariance ridge (Σ + εI; default 0.01)")),
         ("--image-score", dict(choices=("pooled", "map-max", "combined"),
