@@ -24,6 +24,8 @@ CONFIGS = {
     "lite0": {"preset": "lite0"},
     # the paper's method: pooled image Gaussians, one shared pixel Gaussian per level, Ledoit-Wolf
     "paper-lite0": {"preset": "paper-lite0"},
+    # two stacked Gaussians: the map the mean of both, the image score the first map's maximum
+    "lite0-sharp": {"preset": "lite0-sharp"},
     # both image scores standardised, per-location Gaussians
     "combined": {"preset": "lite0", "image_score": "combined", "spatial": "per-location", "levels": [3, 4],
                  "pixel_levels": [3, 4]},

@@ -255,3 +255,40 @@ def test_channel_subsets_are_seeded():
 def test_even_local_average_is_refused():
     with pytest.raises(ValueError, match="local_average must be odd"):
         make_model(local_average=2)
+    with pytest.raises(ValueError, match="map_local_average must be odd"):
+        make_model(spatial="stacked", image_score="map-max", map_local_average=2)
+
+
+@pytest.mark.parametrize("spatial, image_score", [("per-location", "map-max"), ("stacked", "pooled")])
+def test_a_second_map_gaussian_needs_the_stacked_map_max_model(spatial, image_score):
+    with pytest.raises(ValueError, match=f"map_local_average needs spatial 'stacked' and image_score 'map-max', "
+                                         f"got spatial '{spatial}', image_score '{image_score}'"):
+        make_model(spatial=spatial, image_score=image_score, map_local_average=1)
+
+
+def test_the_second_map_gaussian_is_a_second_model_averaged_into_the_map(category, tmp_path):
+    """Reference: two one-Gaussian models fitted apart, with the two local averages: the anomaly map
+    is the mean of their maps, the image score the first one's (its map's maximum); the second
+    Gaussian is on the same channels. Saved and loaded, the model scores the same."""
+    settings = dict(levels=(3,), pixel_levels=(2, 3), spatial="stacked", local_average=3, local_weights="binomial",
+                    pixel_channels=24, covariance="ridge", ridge=0.1, image_score="map-max", smoothing=2)
+    model = make_model(**settings, map_local_average=1).fit(category.train)
+    first = make_model(**settings).fit(category.train)
+    second = make_model(**{**settings, "local_average": 1}).fit(category.train)
+    paths = category.test.paths[:6]
+    scores, want_first, want_second = (m.score(paths) for m in (model, first, second))
+    np.testing.assert_allclose(scores.maps, (want_first.maps + want_second.maps) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores.image, want_first.image, rtol=1e-6)
+    np.testing.assert_allclose(scores.image, want_first.maps.reshape(len(paths), -1).max(1), rtol=1e-6)
+    assert not np.allclose(want_first.maps, want_second.maps, rtol=1e-2)  # the average changes the map
+    assert torch.equal(model.channel_subsets["stacked"], first.channel_subsets["stacked"])
+    assert set(model.pixel_gaussians) == {"stacked", "stacked-map"}
+    # the thresholds come from the held-out images' scores of the two-Gaussian model
+    assert model.thresholds["pixel_normal_quantile"] != first.thresholds["pixel_normal_quantile"]
+    assert model.thresholds["image_normal_quantile"] == pytest.approx(first.thresholds["image_normal_quantile"])
+
+    loaded = GaussianAD.load(model.save(tmp_path / "m"), device="cpu", progress=False)
+    again = loaded.score(paths)
+    np.testing.assert_array_equal(again.image, scores.image)
+    np.testing.assert_array_equal(again.maps, scores.maps)
+    assert loaded.config["map_local_average"] == 1
