@@ -222,7 +222,7 @@ class GaussianAD(Detector):
 
     def _gaussian_keys(self) -> tuple[list[int], list[int | str]]:
         """(levels of the image Gaussians: none for map-max, keys of the pixel Gaussians: the pixel
-        levels, or the one stacked Gaussian)."""
+        levels, or the stacked Gaussian and the second map one, if any)."""
         c = self.config
         stacked = [STACKED] if c["map_local_average"] is None else [STACKED, MAP_STACKED]
         return (c["levels"] if c["image_score"] != "map-max" else [],
