@@ -25,7 +25,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -39,23 +38,16 @@ from flows.cache import (CACHE_FOLDERS, DEFAULT_CACHE, EVALUATION_FILES, FEATURE
                          results_folder, test_split_digest, training_folder)
 from flows.reporting import publish, report, write_summary
 from gaussad.data import Category, ImageSet, list_categories, load_category
-from gaussad.detector import Detector
+from gaussad.base_detector import Detector
 from gaussad.detectors import ModelSpec, detector_class, load_model, model_spec
 from gaussad.errors import DatasetError, GaussadError
 from gaussad.evaluate import evaluate
 from gaussad.features import FeatureStore
-from gaussad.gaussian_detector import GaussianAD
 from gaussad.output_folders import claim_output_folder
-from gaussad.piade import PiadeAD
 
 # What fitting measured (fit_info key -> timings.json key), as far as a model measures it
 FIT_TIMINGS = {"extract_seconds": "extract_train_seconds", "fit_seconds": "fit_seconds",
                "seconds_per_epoch": "seconds_per_epoch", "epochs_trained": "epochs_trained"}
-
-
-def backbone_settings(settings: dict) -> dict:
-    """The GaussianAD settings its features depend on (the rest are its Gaussians')."""
-    return {key: settings[key] for key in GaussianAD.FEATURE_KEYS if key in settings}
 
 
 # ---- tasks -------------------------------------------------------------------------------------
@@ -63,22 +55,25 @@ def backbone_settings(settings: dict) -> dict:
 
 @task(cache_policy=WhileComplete(policy=INPUTS - "paths" + TASK_SOURCE, folder=features_folder, files=FEATURE_FILES),
       persist_result=True, task_run_name="extract-{name}-{split}")
-def extract_features(name: str, split: str, paths: list[str], digest: str, backbone: dict,
+def extract_features(name: str, split: str, paths: list[str], digest: str, model_type: str, features: dict,
                      batch_size: int, cache_dir: str) -> str:
-    """Features of one split's images -> a FeatureStore folder named by the content and settings."""
-    directory = features_folder(cache_dir, digest, backbone)
+    """Features of one split's images -> a FeatureStore folder named by the content and the
+    settings they depend on (`features`: the detector's feature_settings)."""
+    directory = features_folder(cache_dir, digest, features)
     with device_lock(), new_folder(directory, FEATURE_FILES) as scratch:
-        extractor = GaussianAD(**backbone, progress=False).backbone
+        extractor = detector_class(model_type).feature_extractor(features)
         FeatureStore.write(extractor, [Path(p) for p in paths], scratch, batch_size, progress=False)
     return str(directory)
 
 
 @task(cache_policy=WhileComplete(policy=INPUTS - "batch_size" + TASK_SOURCE, folder=model_folder, files=MODEL_FILES),
       persist_result=True, task_run_name="fit-{name}")
-def fit_model(name: str, train_store: str, settings: dict, holdout: float, batch_size: int, cache_dir: str) -> str:
-    """Per-level Gaussians and normal thresholds from the training features -> a model folder."""
+def fit_model(name: str, train_store: str, model_type: str, settings: dict, holdout: float, batch_size: int,
+              cache_dir: str) -> str:
+    """A detector fitted from the training features (the Gaussian one: per-level Gaussians and normal
+    thresholds) -> a model folder."""
     with device_lock():
-        model = GaussianAD(**settings, batch_size=batch_size, progress=False)
+        model = detector_class(model_type)(**settings, batch_size=batch_size, progress=False)
         model.fit_store(FeatureStore(train_store), holdout)
     return save_model(model, model_folder(cache_dir, train_store, settings, holdout))
 
@@ -160,21 +155,23 @@ def file_names(images: ImageSet) -> list[str]:
 
 
 def submit_feature_chain(job: Job) -> dict[str, PrefectFuture]:
-    """Gaussian: extract the train and test features -> fit on the train features -> evaluate on the test ones."""
-    spec, backbone = job.spec, backbone_settings(job.spec.settings)
-    steps = {split: job.submit(extract_features, job.name, split, file_names(images), digest, backbone,
+    """A detector that fits from features (the Gaussian one): extract the train and test features ->
+    fit on the train features -> evaluate on the test ones."""
+    spec, model_type = job.spec, job.spec.detector.MODEL_TYPE
+    features = spec.detector.feature_settings(spec.settings)
+    steps = {split: job.submit(extract_features, job.name, split, file_names(images), digest, model_type, features,
                                spec.batch_size, job.cache)
              for split, images, digest in (("train", job.category.train, job.train_digest),
                                            ("test", job.category.test, job.test_digest))}
-    steps["fit"] = job.submit(fit_model, job.name, steps["train"], spec.settings, spec.holdout, spec.batch_size,
-                              job.cache)
+    steps["fit"] = job.submit(fit_model, job.name, steps["train"], model_type, spec.settings, spec.holdout,
+                              spec.batch_size, job.cache)
     steps["evaluate"] = job.submit(evaluate_model, job.name, job.dataset_root, steps["fit"], steps["test"],
                                    job.test_digest, spec.batch_size, job.cache)
     return steps
 
 
 def submit_training_chain(job: Job) -> dict[str, PrefectFuture]:
-    """PIADE: train on the training images -> evaluate on the test images."""
+    """A detector that trains on the images (PIADE): train -> evaluate on the test images."""
     spec = job.spec
     steps = {"fit": job.submit(train_model, job.name, file_names(job.category.train), job.train_digest,
                                spec.detector.MODEL_TYPE, spec.settings, spec.holdout, spec.batch_size, job.cache)}
@@ -183,10 +180,6 @@ def submit_training_chain(job: Job) -> dict[str, PrefectFuture]:
     return steps
 
 
-CHAINS: dict[str, Callable[[Job], dict[str, PrefectFuture]]] = {
-    GaussianAD.MODEL_TYPE: submit_feature_chain,
-    PiadeAD.MODEL_TYPE: submit_training_chain,
-}
 
 
 # ---- the flow ----------------------------------------------------------------------------------
@@ -201,7 +194,7 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
     logger = get_run_logger()
     params = yaml.safe_load(Path(config).read_text())
     spec = model_spec(params, config)  # an unknown model type or setting: ValueError, before any compute
-    submit_chain = CHAINS[spec.detector.MODEL_TYPE]
+    submit_chain = submit_feature_chain if spec.detector.FITS_FROM_FEATURES else submit_training_chain
     cache = str(Path(cache_dir or DEFAULT_CACHE).resolve())
     names = categories or params.get("data", {}).get("categories") or list_categories(dataset_root)
     # Both are refused before any compute if they hold files gaussad did not write.
@@ -278,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     dask.add_argument("--dask-address", help="run the tasks on an existing Dask cluster (tcp://host:8786)")
     args = parser.parse_args(argv)
     params = yaml.safe_load(Path(args.params).read_text())
+    try:
+        model_spec(params, args.params)  # every setting checked before a flow (or its server) starts
+    except ValueError as err:
+        print(f"gaussad-train: {err}", file=sys.stderr)
+        return 1
     flow_to_run = train
     if args.dask_workers or args.dask_address:
         flow_to_run = train.with_options(task_runner=dask_runner(args.dask_workers, args.dask_address))

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from gaussad.detector import split_holdout
+from gaussad.base_detector import split_holdout
 from gaussad.detectors import DETECTORS, detector_class, load_model, model_spec
 from gaussad.errors import ModelFileError, NotFittedError
 from gaussad.networks import LITE0_PACKAGE
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
 from gaussad.piade import PiadeAD
 from gaussad.validation import check_number
 
@@ -27,7 +27,7 @@ def test_the_table_holds_each_detector_under_its_model_type():
     for model_type, detector in DETECTORS.items():
         assert detector_class(model_type) is detector and detector.MODEL_TYPE == model_type
         assert {"paper", "lite0"} <= set(detector.PRESETS)
-        assert all(set(preset) <= set(detector.CONFIG_KEYS) for preset in detector.PRESETS.values())
+        assert all(set(preset) <= set(detector.SETTINGS.names) for preset in detector.PRESETS.values())
     with pytest.raises(ValueError, match="unknown model_type 'svm': use one of gaussian, piade"):
         detector_class("svm")
 

@@ -15,7 +15,7 @@ from gaussad.data import load_category, read_rgb
 from gaussad.errors import ModelFileError
 from gaussad.export import ExportedDetector, export_onnx
 from gaussad.features import to_tensor
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
 from gaussad.onnx_features import cache_dir
 
 SIZE = 96

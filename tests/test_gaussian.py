@@ -1,4 +1,4 @@
-"""gaussad.gaussian against independent references: scikit-learn's LedoitWolf and PCA, NumPy's eigh,
+"""gaussad.gaussian.statistics against independent references: scikit-learn's LedoitWolf and PCA, NumPy's eigh,
 SciPy's mahalanobis."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 
-from gaussad.gaussian import fit_gaussian
+from gaussad.gaussian.statistics import fit_gaussian
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_groups_equal_separate_fits(reduction, variance):
 def test_groups_decomposed_in_chunks_equal_one_decomposition(monkeypatch):
     """The eigendecompositions run EIGH_GROUPS groups at a time on a thread pool; chunks that keep
     different counts are padded to one width. Same result as all groups at once."""
-    import gaussad.gaussian as gaussian
+    import gaussad.gaussian.statistics as gaussian
 
     rng = np.random.default_rng(5)
     spectra = [np.geomspace(0.01, 10, 6), np.linspace(1, 9, 6), np.geomspace(1, 1000, 6)] * 3
@@ -314,12 +314,12 @@ def test_identical_samples(reduction):
 
 def test_pca_count_at_exact_boundary_follows_sklearn():
     """pca keeps the fewest largest axes holding MORE than v: [19, 1] with v = 0.95 keeps both (as sklearn)."""
-    from gaussad.gaussian import kept_count
+    from gaussad.gaussian.statistics import kept_counts
 
-    assert kept_count(torch.tensor([1.0, 19.0], dtype=torch.float64), "pca", 0.95) == 2
+    assert kept_counts(torch.tensor([[1.0, 19.0]], dtype=torch.float64), "pca", 0.95).tolist() == [2]
 
 
 def test_npca_count_at_exact_boundary_is_at_least_v():
-    from gaussad.gaussian import kept_count
+    from gaussad.gaussian.statistics import kept_counts
 
-    assert kept_count(torch.tensor([1.0, 3.0, 16.0], dtype=torch.float64), "npca", 0.05) == 1
+    assert kept_counts(torch.tensor([[1.0, 3.0, 16.0]], dtype=torch.float64), "npca", 0.05).tolist() == [1]

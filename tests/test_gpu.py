@@ -11,7 +11,7 @@ import torch
 
 from gaussad.data import load_category
 from gaussad.features import image_batches
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
 from gaussad.metrics import image_auroc
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

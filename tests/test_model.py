@@ -20,7 +20,7 @@ from gaussad.data import load_category, read_rgb
 from gaussad.features import to_tensor
 from gaussad.networks import LITE0_PACKAGE
 from gaussad.errors import ModelFileError, OutputError
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
 from gaussad.model_folder import model_digest
 
 LEVELS = (3, 4, 5)

@@ -24,7 +24,7 @@ from gaussad.cli import main
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
 from gaussad.evaluate import evaluate
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
 from gaussad.registry import promote
 from gaussad.tracking import log_run_folder
 from servers import free_port, healthy, tracking_to, wait_for

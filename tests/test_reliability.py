@@ -26,7 +26,7 @@ from gaussad.cli import main
 from gaussad.data import read_mask, read_rgb
 from gaussad.demo import write_demo_dataset
 from gaussad.errors import DatasetError, ModelFileError
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
 from gaussad.model_folder import model_digest
 from gaussad.output_folders import MARKER
 from gaussad.pyfunc_model import decode_image

@@ -12,10 +12,11 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from gaussad.data import load_category
-from gaussad.detector import split_holdout
-from gaussad.feature_maps import local_average, map_operator, smoothing_matrix, split_channels, stack_levels
+from gaussad.base_detector import split_holdout
+from gaussad.gaussian.map_operations import local_average, map_operator, smoothing_matrix, split_channels, stack_levels
 from gaussad.networks import LITE0_PACKAGE
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
+from gaussad.gaussian.pixel_inputs import choose_channels
 from gaussad.model_folder import model_digest
 
 SIZE = 64
@@ -24,6 +25,8 @@ SIZE = 64
 def make_model(**settings) -> GaussianAD:
     base = dict(backbone="tf_efficientnet_lite0", weights=LITE0_PACKAGE, levels=(3, 4), image_size=SIZE,
                 device="cpu", progress=False, batch_size=8)
+    if settings.get("image_score") == "map-max" and "pixel_levels" in settings:
+        del base["levels"]  # without effect then, and so refused
     return GaussianAD(**{**base, **settings})
 
 
@@ -183,7 +186,7 @@ def test_stacked_ridge_model_is_padims_gaussian_per_location(category, channels)
     PatchCore does), level 3 nearest-upsampled to level 2's grid, concatenated (with `channels`,
     the model's random subset of them, as PaDiM); at each position the mean and the biased
     covariance + εI of the training images, then the Mahalanobis distance of each test position."""
-    settings = dict(levels=(3,), pixel_levels=(2, 3), spatial="stacked", local_average=3, reduction="none",
+    settings = dict(pixel_levels=(2, 3), spatial="stacked", local_average=3, reduction="none",
                     covariance="ridge", ridge=0.01, pixel_channels=channels)
     model = make_model(**settings).fit(category.train, holdout=0)
     subset = slice(None)
@@ -245,8 +248,8 @@ def test_stacked_and_ridge_models_save_and_load(category, spatial, channels, wei
 
 def test_channel_subsets_are_seeded():
     """The same seed picks the same channels, another seed others."""
-    first, again, other = (make_model(pixel_levels=(2, 3), spatial="stacked", pixel_channels=24, seed=seed)
-                           ._choose_channels()["stacked"] for seed in (0, 0, 1))
+    models = [make_model(pixel_levels=(2, 3), spatial="stacked", pixel_channels=24, seed=seed) for seed in (0, 0, 1)]
+    first, again, other = (choose_channels(m.config, m.backbone.channels())["stacked"] for m in models)
     assert torch.equal(first, again) and not torch.equal(first, other)
     with pytest.raises(ValueError, match="pixel_channels must be at least 1, got 0"):
         make_model(pixel_channels=0)
@@ -270,11 +273,11 @@ def test_the_second_map_gaussian_is_a_second_model_averaged_into_the_map(categor
     """Reference: two one-Gaussian models fitted apart, with the two local averages: the anomaly map
     is the mean of their maps, the image score the first one's (its map's maximum); the second
     Gaussian is on the same channels. Saved and loaded, the model scores the same."""
-    settings = dict(levels=(3,), pixel_levels=(2, 3), spatial="stacked", local_average=3, local_weights="binomial",
+    settings = dict(pixel_levels=(2, 3), spatial="stacked", local_average=3, local_weights="binomial",
                     pixel_channels=24, covariance="ridge", ridge=0.1, image_score="map-max", smoothing=2)
     model = make_model(**settings, map_local_average=1).fit(category.train)
     first = make_model(**settings).fit(category.train)
-    second = make_model(**{**settings, "local_average": 1}).fit(category.train)
+    second = make_model(**{**settings, "local_average": 1, "local_weights": "box"}).fit(category.train)  # no average
     paths = category.test.paths[:6]
     scores, want_first, want_second = (m.score(paths) for m in (model, first, second))
     np.testing.assert_allclose(scores.maps, (want_first.maps + want_second.maps) / 2, rtol=1e-5, atol=1e-6)

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from gaussad.cli import main
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
 from gaussad.pyfunc_model import IMAGE_ROOTS_VARIABLE
 from gaussad.registry import register_model
 from servers import free_port, healthy, wait_for

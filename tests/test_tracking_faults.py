@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
 from gaussad.evaluate import evaluate
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
 from servers import free_port, healthy, wait_for
 
 CATEGORIES = ["brushed", "hexnut", "weave"]

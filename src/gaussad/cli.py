@@ -23,7 +23,7 @@ from gaussad.data import IMAGE_SUFFIXES, ImageSet, list_categories, load_categor
 from gaussad.cli_arguments import (add_dataset_arguments, add_model_arguments, add_runtime_arguments,
                                    model_from_arguments, runtime_options)
 from gaussad.errors import GaussadError
-from gaussad.detector import Detector
+from gaussad.base_detector import Detector
 from gaussad.detectors import load_model
 from gaussad.export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportedDetector, export_onnx
 from gaussad.model_folder import folder_megabytes

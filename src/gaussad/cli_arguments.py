@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from gaussad.detector import Detector
+from gaussad.base_detector import Detector
 from gaussad.detectors import DEFAULT_MODEL_TYPE, DETECTORS, detector_class, model_spec
 from gaussad.features import RUNTIMES
 
@@ -28,44 +28,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-# The flags of one model type only, by type: (flag, argparse options). A flag's name is its setting's
-# (--image-size: image_size), and it is refused with another model type.
-MODEL_TYPE_FLAGS = {
-    "gaussian": [
-        ("--levels", dict(type=int, nargs="+", help="feature levels (paper: 3 4 5 6 7)")),
-        ("--reduction", dict(choices=("npca", "pca", "none"), help="default npca")),
-        ("--variance", dict(type=float, help="variance fraction kept (default 0.05)")),
-        ("--spatial", dict(choices=("shared", "per-location", "stacked"),
-                           help="one Gaussian per level shared by all positions (default), one per position, "
-                                "or the pixel levels stacked at the finest one, one per position")),
-        ("--local-average", dict(type=int, help="average pixel features over k×k first (odd k; default 1: off)")),
-        ("--local-weights", dict(choices=("box", "binomial"),
-                                 help="the k×k average's weights: all alike (default) or the centre most")),
-        ("--map-local-average", dict(type=int, help="stacked, map-max: a second Gaussian on k×k-averaged features "
-                                                  "(1: none), its map averaged into the anomaly map")),
-        ("--covariance", dict(choices=("ledoit-wolf", "ridge"), help="default ledoit-wolf")),
-        ("--ridge", dict(type=float, help="ε of --covariance ridge (Σ + εI; default 0.01)")),
-        ("--image-score", dict(choices=("pooled", "map-max", "combined"),
-                               help="pooled features (the paper), the map's maximum, or both standardised")),
-        ("--pixel-levels", dict(type=int, nargs="+", help="levels of the anomaly map (default: --levels)")),
-        ("--smoothing", dict(type=float, help="σ in pixels of the map's Gaussian smoothing (0: none)")),
-        ("--pixel-channels", dict(type=int, help="keep this many of each pixel Gaussian's input channels, chosen "
-                                           "at random (seeded), as PaDiM (default: all)")),
-    ],
-    "piade": [
-        ("--epochs", dict(type=int)),
-        ("--train-batch-size", dict(type=int)),
-        ("--learning-rate", dict(type=float)),
-        ("--lambda-perceptual", dict(type=float, help="weight of the perceptual term (0: off)")),
-        ("--lambda-ssim", dict(type=float, help="weight of the SSIM term (0: off)")),
-        ("--early-stopping-patience", dict(type=int, help="epochs without improvement before stopping")),
-        ("--checkpoint-dir", dict(type=Path, help="checkpoint every epoch here; a rerun resumes from it")),
-    ],
-}
-FIT_FLAGS = ("holdout", "checkpoint_dir")  # arguments of fit(), not of the detector
+CHECKPOINT_FLAG = "--checkpoint-dir"  # an option of fit(), for the detectors that train in epochs
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
+    """--config, --model-type, --preset, --holdout, every detector's setting flags (from its settings
+    table: shared ones once, the others in a group per model type) and the runtime flags."""
     parser.set_defaults(default_preset=default_preset)
     parser.add_argument("--config", type=Path, help="a params.yaml: its model_type and that type's block "
                                                     "(flags given here override it)")
@@ -75,16 +43,26 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "
     parser.add_argument("--preset", choices=presets,
                         help=f"backbone, weights, levels and size together (default {default_preset}, or the "
                              "--config block's); 'lite0' works offline")
-    parser.add_argument("--backbone", help="timm model name, overrides the preset")
-    parser.add_argument("--weights", help="timm | file:<path> | package:efficientnet-lite0 | none")
-    parser.add_argument("--image-size", type=int)
     parser.add_argument("--holdout", type=float, help="train fraction held out for thresholds (default 0.1)")
-    parser.add_argument("--seed", type=int)
-    for model_type, flags in MODEL_TYPE_FLAGS.items():
-        group = parser.add_argument_group(f"{DETECTORS[model_type].NAME} only (--model-type {model_type})")
-        for flag, options in flags:
-            group.add_argument(flag, **options)
+    shared = shared_flags()
+    # shared: their defaults differ by detector and preset
+    next(iter(DETECTORS.values())).SETTINGS.add_flags(parser, shared, show_default=False)
+    for model_type, detector in DETECTORS.items():
+        group = parser.add_argument_group(f"{detector.NAME} only (--model-type {model_type})")
+        detector.SETTINGS.add_flags(group, own_flags(detector))
+        if detector.CHECKPOINTS:
+            group.add_argument(CHECKPOINT_FLAG, type=Path, help="checkpoint every epoch here; a rerun resumes from it")
     add_runtime_arguments(parser)
+
+
+def shared_flags() -> list[str]:
+    """The settings every detector offers on the command line (--backbone, --weights, ...)."""
+    offered = [set(detector.SETTINGS.flag_names()) for detector in DETECTORS.values()]
+    return [name for name in next(iter(DETECTORS.values())).SETTINGS.flag_names() if all(name in o for o in offered)]
+
+
+def own_flags(detector: type[Detector]) -> list[str]:
+    return [name for name in detector.SETTINGS.flag_names() if name not in shared_flags()]
 
 
 def runtime_options(args: argparse.Namespace) -> dict:
@@ -94,24 +72,25 @@ def runtime_options(args: argparse.Namespace) -> dict:
 
 
 def model_from_arguments(args: argparse.Namespace) -> tuple[Detector, dict]:
-    """The unfitted detector the flags (over --config, over the preset) describe, and fit()'s options."""
+    """The unfitted detector the flags (over --config, over the preset) describe, and fit()'s
+    options; every setting checked (model_spec) before anything is computed."""
     params = read_config(args.config) if args.config else {}
     params["model_type"] = args.model_type or params.get("model_type", DEFAULT_MODEL_TYPE)
-    for model_type, flags in MODEL_TYPE_FLAGS.items():
-        given = [flag for flag, _ in flags if getattr(args, flag_setting(flag)) is not None]
-        if model_type != params["model_type"] and given:
-            raise ValueError(f"{given[0]} applies to --model-type {model_type}, not {params['model_type']}")
     detector = detector_class(params["model_type"])
-    has_block = bool(params.get(detector.PARAMS_BLOCK))
-    preset = args.preset or (None if has_block else args.default_preset)
-    spec = model_spec(params, str(args.config or "the command line"), preset)
-    flags = [("--backbone", None), ("--weights", None), ("--image-size", None), ("--seed", None),
-             *MODEL_TYPE_FLAGS[params["model_type"]]]
-    for flag, _ in flags:
-        if getattr(args, flag_setting(flag)) is not None and flag_setting(flag) not in FIT_FLAGS:
-            spec.settings[flag_setting(flag)] = getattr(args, flag_setting(flag))
-    spec.holdout = args.holdout if args.holdout is not None else spec.holdout
-    spec.batch_size = args.batch_size if args.batch_size is not None else spec.batch_size
+    for other_type, other in DETECTORS.items():
+        given = [other.SETTINGS.rows[name].flag_name for name in own_flags(other)
+                 if other is not detector and getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{given[0]} applies to --model-type {other_type}, not {params['model_type']}")
+    if getattr(args, "checkpoint_dir", None) is not None and not detector.CHECKPOINTS:
+        owner = next(model_type for model_type, other in DETECTORS.items() if other.CHECKPOINTS)
+        raise ValueError(f"{CHECKPOINT_FLAG} applies to --model-type {owner}, not {params['model_type']}")
+    block = dict(params.get(detector.PARAMS_BLOCK) or {})
+    preset = args.preset or (None if block else args.default_preset)
+    block.update({name: getattr(args, name) for name in shared_flags() + own_flags(detector)
+                  if getattr(args, name) is not None})
+    block.update({key: getattr(args, key) for key in ("holdout", "batch_size") if getattr(args, key) is not None})
+    spec = model_spec({**params, detector.PARAMS_BLOCK: block}, str(args.config or "the command line"), preset)
     fit_options = {"holdout": spec.holdout}
     if getattr(args, "checkpoint_dir", None) is not None:
         fit_options["checkpoint_dir"] = args.checkpoint_dir
@@ -126,7 +105,3 @@ def read_config(path: Path) -> dict:
     if not isinstance(params, dict):
         raise ValueError(f"{path} holds no settings (a YAML mapping like params.yaml)")
     return params
-
-
-def flag_setting(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")

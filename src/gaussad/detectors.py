@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gaussad.detector import Detector
+from gaussad.base_detector import Detector
 from gaussad.errors import ModelFileError
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
 from gaussad.model_folder import read_model_type
 from gaussad.piade import PiadeAD
-from gaussad.validation import check_choice
+from gaussad.validation import check_choice, check_number
 
 DETECTORS: dict[str, type[Detector]] = {cls.MODEL_TYPE: cls for cls in (GaussianAD, PiadeAD)}
 DEFAULT_MODEL_TYPE = GaussianAD.MODEL_TYPE
@@ -55,17 +55,21 @@ class ModelSpec:
 
 def model_spec(params: dict, source: str = "params.yaml", preset: str | None = None) -> ModelSpec:
     """The ModelSpec of a parsed params.yaml: `model_type` (default gaussian) and that type's block,
-    over the block's `preset` (or `preset`, which replaces it). A key the detector does not take is a
-    ValueError naming `source` and the key."""
+    over the block's `preset` (or `preset`, which replaces it). Every setting is checked here, before
+    any compute: an unknown key, a bad value or a setting without effect is a ValueError naming
+    `source`, the key, the value and what is allowed."""
     detector = detector_class(params.get("model_type", DEFAULT_MODEL_TYPE))
     block = dict(params.get(detector.PARAMS_BLOCK) or {})
-    unknown = sorted(set(block) - set(detector.CONFIG_KEYS) - set(TRAINING_KEYS))
-    if unknown:
-        raise ValueError(f"{source}: {detector.PARAMS_BLOCK}.{unknown[0]} is not a setting of {detector.__name__} "
-                         f"(it takes {', '.join(detector.CONFIG_KEYS + TRAINING_KEYS)})")
+    where = f"{source}: {detector.PARAMS_BLOCK}."
     block_preset = block.pop("preset", None)
     preset = preset or block_preset
     settings = dict(detector.PRESETS[check_choice(f"{detector.NAME} preset", preset, detector.PRESETS)]) \
         if preset is not None else {}
     training = {key: block.pop(key) for key in ("holdout", "batch_size") if key in block}
-    return ModelSpec(detector, {**settings, **block}, **training)
+    if "holdout" in training:
+        training["holdout"] = check_number(f"{where}holdout", training["holdout"], float, 0, 1, open_high=True)
+    if "batch_size" in training:
+        training["batch_size"] = check_number(f"{where}batch_size", training["batch_size"], int, 1)
+    spec = ModelSpec(detector, {**settings, **block}, **training)
+    detector.SETTINGS.validate(spec.settings, where)
+    return spec

@@ -17,7 +17,7 @@ import torch
 
 from gaussad.data import Category, read_mask, read_rgb
 from gaussad.metrics import aupro, best_balanced_accuracy, f1_optimal_threshold, image_auroc, pixel_auroc, roc_points
-from gaussad.detector import Detector, Scores
+from gaussad.base_detector import Detector, Scores
 from gaussad.features import to_tensor
 from gaussad.output_folders import claim_output_folder
 from gaussad.plots import save_overlay, save_reconstruction, save_roc_curve, save_score_histogram

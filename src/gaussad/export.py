@@ -1,4 +1,4 @@
-"""A fitted GaussianAD as one ONNX graph: images [n, 3, S, S] in [0, 1] -> (image scores [n] float64,
+"""A fitted detector that can export (EXPORTS_ONNX: the Gaussian one) as one ONNX graph: images [n, 3, S, S] in [0, 1] -> (image scores [n] float64,
 anomaly maps [n, S, S] float32), the backbone, the Mahalanobis distances, the map and its smoothing
 in one file that ONNX Runtime runs without torch's model code.
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaussad.detector import Detector
+from gaussad.base_detector import Detector
 from gaussad.errors import ModelFileError, OutputError
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.detectors import detector_class
 from gaussad.networks import LevelNetwork
 from gaussad.onnx_features import OPSET, OnnxSession
 
@@ -35,9 +35,9 @@ MAP_TOLERANCE = 1e-3  # relative to the largest |map| value of the batch
 
 
 class DetectorGraph(torch.nn.Module):
-    """GaussianAD.score_batch as one module: LevelNetwork, then GaussianAD.score_tensors."""
+    """The detector's score_batch as one module: LevelNetwork, then its score_tensors."""
 
-    def __init__(self, model: GaussianAD):
+    def __init__(self, model: Detector):
         super().__init__()
         c = model.config
         # built anew, not the torch runtime's own: that one is channels_last, and its traced graph
@@ -49,11 +49,11 @@ class DetectorGraph(torch.nn.Module):
         return self.model.score_tensors(dict(zip(self.network.levels, self.network(images_nchw))))
 
 
-def export_onnx(model: GaussianAD, path: str | Path, check_images: int = 2) -> Path:
+def export_onnx(model: Detector, path: str | Path, check_images: int = 2) -> Path:
     """Write the model as one ONNX graph at `path` (a new file, or one gaussad exported), once its
     scores and maps on `check_images` seeded random images match the model's within the tolerances."""
-    if not isinstance(model, GaussianAD):
-        raise ValueError(f"only the Gaussian detector exports to ONNX, not {type(model).__name__}")
+    if not model.EXPORTS_ONNX:
+        raise ValueError(f"{model.NAME} models do not export to ONNX (only those of the Gaussian detector do)")
     model.check_fitted()
     path = Path(path)
     if path.exists() and not _is_gaussad_export(path):
@@ -81,7 +81,7 @@ def export_onnx(model: GaussianAD, path: str | Path, check_images: int = 2) -> P
     return path
 
 
-def parity(exported: "ExportedDetector", model: GaussianAD, images_nchw: torch.Tensor) -> dict:
+def parity(exported: "ExportedDetector", model: Detector, images_nchw: torch.Tensor) -> dict:
     """The largest relative differences of the exported graph's scores and maps from the model's on
     a batch; ValueError past SCORE_TOLERANCE or MAP_TOLERANCE."""
     want_scores, want_maps = model.score_batch(images_nchw)
@@ -120,7 +120,7 @@ class ExportedDetector(Detector):
         self._set_runtime("cpu", batch_size, progress, "exported")
         self.session = session
         self.thresholds = dict(config.get("thresholds", {}))
-        self.config = {key: config[key] for key in GaussianAD.CONFIG_KEYS if key in config}
+        self.config = {key: config[key] for key in detector_class(config["model_type"]).SETTINGS.names if key in config}
 
     @classmethod
     def load(cls, path: str | Path, batch_size: int = 16, progress: bool = True, device: str | None = None,

@@ -1,7 +1,8 @@
 """Where gaussad may write: it deletes or replaces only what it wrote itself.
 
 - A model folder (`-o` of fit) is replaced whole by a new save only when it is a gaussad model
-  folder: its config.json names a gaussad model type and it holds nothing but the model's files.
+  folder: its config.json is gaussad's (a model type and a format version) and
+  the folder holds nothing but config.json and safetensors files.
   Any other existing path (a user's folder, a plain file, a link) is refused before any compute.
 - An output folder (evaluation, predictions, a pipeline run, the task cache, checkpoints, demo data)
   is used when it is new, empty, or carries the marker file a gaussad run of the same kind left in it.
@@ -16,12 +17,11 @@ from typing import Callable
 from gaussad.errors import OutputError
 
 MARKER = ".gaussad-output"
-MODEL_TYPES = ("gaussian", "piade")
-MODEL_FILES = frozenset({"config.json", "stats.safetensors", "weights.safetensors"})
 
 
 def is_model_folder(path: Path) -> bool:
-    """True for a folder gaussad wrote as a model: a gaussad config.json and only model files."""
+    """True for a folder gaussad wrote as a model: a gaussad config.json and only model files
+    (whatever the detector: the detectors are not known down here)."""
     config_path = path / "config.json"
     if path.is_symlink() or not config_path.is_file():
         return False
@@ -29,8 +29,10 @@ def is_model_folder(path: Path) -> bool:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError):
         return False
-    names = {entry.name for entry in path.iterdir()}
-    return isinstance(config, dict) and config.get("model_type") in MODEL_TYPES and names <= MODEL_FILES
+    only_model_files = all(entry.name == "config.json" or (entry.suffix == ".safetensors" and entry.is_file())
+                           for entry in path.iterdir())
+    return (isinstance(config, dict) and isinstance(config.get("model_type"), str)
+            and "format_version" in config and only_model_files)
 
 
 def check_model_destination(path: str | Path) -> Path:

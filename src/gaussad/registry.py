@@ -38,7 +38,7 @@ from PIL import Image
 from gaussad import __version__
 from gaussad.data import load_category
 from gaussad.evaluate import TEST_METRICS, test_metrics
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.detectors import detector_class
 from gaussad.pyfunc_model import EXPORTED_ARTIFACT, MODEL_ARTIFACT
 
 # MLflow draws a progress bar per model download or upload: noise in flow logs. Users' settings win.
@@ -46,7 +46,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 CHAMPION, CHALLENGER = "champion", "challenger"
 PROMOTION_METRICS = TEST_METRICS
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-WEIGHT_KEYS = ("backbone", "weights", "perceptual", "perceptual_weights")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("binary", "image")]),  # paths and arrays pass too, in-process
     outputs=Schema([ColSpec("double", "score"), ColSpec("string", "label"), ColSpec("double", "threshold"),
@@ -78,7 +77,8 @@ def register_model(model_dir: Path, dataset: str, category: str, dataset_root: s
     name, version, whether the version is new)."""
     name = registered_name(dataset, category)
     config = json.loads((model_dir / "config.json").read_text())
-    export_onnx = export_onnx and config["model_type"] == GaussianAD.MODEL_TYPE  # the one type that exports
+    detector = detector_class(config["model_type"])
+    export_onnx = export_onnx and detector.EXPORTS_ONNX
     digest = model_digest(model_dir, export_onnx)
     existing = _version_with_digest(client, name, digest)
     if existing is not None:
@@ -101,7 +101,7 @@ def register_model(model_dir: Path, dataset: str, category: str, dataset_root: s
         "dataset": dataset, "category": category, "dataset_root": dataset_root,
         "model_type": config["model_type"], "model_digest": digest,
         "scored_by": "exported ONNX graph" if export_onnx else "model folder",
-        **{k: str(config[k]) for k in WEIGHT_KEYS if k in config},  # which networks and weights were used
+        **{k: str(config[k]) for k in detector.NETWORK_SETTINGS},  # which networks and weights were used
         **{f"metric.{k}": str(metrics[k]) for k in PROMOTION_METRICS if metrics.get(k) is not None},
     })
     client.set_registered_model_tag(name, "dataset", dataset)

@@ -113,7 +113,7 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, 
     config = json.loads((folder / "model" / "config.json").read_text())
     with mlflow.start_run(experiment_id=experiment_id, run_name=folder.name, nested=True) as run:
         mlflow.set_tags({"dataset": dataset, "category": folder.name, "model_type": config["model_type"]})
-        keys = detector_class(config["model_type"]).CONFIG_KEYS
+        keys = detector_class(config["model_type"]).SETTINGS.names
         mlflow.log_params(_strings({**shared, **{k: config[k] for k in keys},
                                     "n_train_images": config.get("n_train_images")}))
         values = {k: metrics[k] for k in METRICS if metrics.get(k) is not None}

@@ -79,17 +79,11 @@ class MomentAccumulator:
         return (self.outer[groups].to(torch.float64) / self.n).sub_(centred_sum[:, :, None] * centred_sum[:, None, :])
 
 
-def kept_count(eigenvalues_ascending: torch.Tensor, reduction: str, variance: float) -> int:
-    """How many axes a reduction keeps, counted as scikit-learn's PCA(n_components=fraction) does.
-
-    npca: the least-variance axes that together hold at least `variance` of the total;
-    pca: the largest-variance axes that together hold more than `variance`; none: all.
-    """
-    return int(kept_counts(eigenvalues_ascending[None], reduction, variance)[0])
-
-
 def kept_counts(eigenvalues_ascending: torch.Tensor, reduction: str, variance: float) -> torch.Tensor:
-    """kept_count of each group's eigenvalues [G, D] (ascending): [G]."""
+    """How many axes a reduction keeps of each group's eigenvalues [G, D] (ascending): [G], counted
+    as scikit-learn's PCA(n_components=fraction) does. npca: the least-variance axes that together
+    hold at least `variance` of the total; pca: the largest-variance axes that together hold more
+    than `variance`; none: all."""
     groups, dim = eigenvalues_ascending.shape
     if reduction == "none":
         return torch.full((groups,), dim, dtype=torch.long, device=eigenvalues_ascending.device)

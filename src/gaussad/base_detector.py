@@ -2,9 +2,12 @@
 
 A detector is fitted on defect-free images and scores images: `Scores` holds one anomaly score per
 image and one map per image at the model's image size. Each detector class names its `MODEL_TYPE`
-(the key of the table in gaussad.detectors and of config.json's `model_type`), its `CONFIG_KEYS`
-(the settings its constructor takes and config.json keeps), its `PRESETS` and the `PARAMS_BLOCK`
-of params.yaml it reads; tracking, the flows and the CLI read these rather than know the classes.
+(the key of the table in gaussad.detectors and of config.json's `model_type`), its `SETTINGS`
+(gaussad.settings: the table of what its constructor takes and config.json keeps), its `PRESETS`,
+the `PARAMS_BLOCK` of params.yaml it reads, and what it can do (EXPORTS_ONNX, FITS_FROM_FEATURES,
+RECONSTRUCTS, its TENSORS_FILE and the NETWORK_SETTINGS that name its networks and weights); the
+registry, the flows, output folders and the CLI read these rather than know the classes.
+Constructors only check and keep the settings: networks are built when first needed.
 
 Shared here: thresholds from defect-free scores, the seeded hold-out split, scoring image files in
 batches, the not-fitted check, and saving to / loading from a model folder (gaussad.model_folder).
@@ -26,6 +29,7 @@ from gaussad.data import ImageSet
 from gaussad.errors import ModelFileError, NotFittedError
 from gaussad.features import image_batches
 from gaussad.networks import resolve_device
+from gaussad.settings import SettingsTable
 from gaussad.model_folder import read_model_folder, rewrite_config, write_model_folder
 from gaussad.validation import check_choice, check_number
 
@@ -51,20 +55,40 @@ class Detector:
 
     MODEL_TYPE: ClassVar[str]
     NAME: ClassVar[str]  # for people: messages, help, tables
-    CONFIG_KEYS: ClassVar[tuple[str, ...]]
+    SETTINGS: ClassVar[SettingsTable]
     PRESETS: ClassVar[dict[str, dict]]
     PARAMS_BLOCK: ClassVar[str]
     TENSORS_FILE: ClassVar[str]
     RECONSTRUCTS: ClassVar[bool] = False  # whether it has reconstruct(images) for pictures
-    ADDED_KEYS: ClassVar[dict] = {}  # settings added since format 2, with the value older folders meant
+    EXPORTS_ONNX: ClassVar[bool] = False  # whether gaussad.export can write it as one ONNX graph
+    # whether it fits from stored features (feature_settings, feature_extractor, fit_store, score_store),
+    # so the flows extract them once as a task of their own; else it trains on the images (fit)
+    FITS_FROM_FEATURES: ClassVar[bool] = False
+    CHECKPOINTS: ClassVar[bool] = False  # whether fit() takes checkpoint_dir (trains in epochs, resumes)
+    NETWORK_SETTINGS: ClassVar[tuple[str, ...]] = ()  # the settings naming its networks and weight sources
 
-    config: dict  # the CONFIG_KEYS settings
+    config: dict  # the SETTINGS, validated
     thresholds: dict[str, float]
     fit_info: dict  # what fitting measured (timings, image counts, ...), saved with the config
     device: torch.device
     runtime: str | None  # of the backbone features (gaussad.features.RUNTIMES; None: the device's default)
     batch_size: int
     progress: bool
+
+    @classmethod
+    def config_keys(cls) -> tuple[str, ...]:
+        return cls.SETTINGS.names
+
+    def _configure(self, settings: dict, check_effect: bool = True) -> None:
+        """self.config from `settings` over the defaults, checked (a bad value or a setting without
+        effect: ValueError); a saved folder's config is loaded with check_effect False."""
+        self.config = self.SETTINGS.validate(settings, check_effect=check_effect)
+
+    def record_fit(self, seconds: float, n_fit: int, n_holdout: int, **measured) -> None:
+        """fit_info: the fit's time, the image counts, where the thresholds come from, and `measured`."""
+        self.fit_info.update(
+            fit_seconds=round(seconds, 3), **measured, n_train_images=n_fit, n_holdout_images=n_holdout,
+            threshold_source="held-out training images" if n_holdout else "training images (in-sample)")
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "Detector":
@@ -175,23 +199,27 @@ class Detector:
         directory = Path(directory)
         config_path = directory / "config.json"
         saved, tensors = read_model_folder(directory, cls.MODEL_TYPE, FORMAT_VERSION, cls.TENSORS_FILE)
-        saved = {**cls.ADDED_KEYS, **saved}  # settings newer than the folder: their old meaning
-        missing = [key for key in cls.CONFIG_KEYS if key not in saved]
+        saved = {**cls.SETTINGS.added_since(), **saved}  # settings newer than the folder: their old meaning
+        missing = [key for key in cls.SETTINGS.names if key not in saved]
         if missing:
             raise ModelFileError(f"{config_path} lacks the key(s) {', '.join(missing)}")
         try:
-            model = cls._unfitted({key: saved[key] for key in cls.CONFIG_KEYS}, device, progress, batch_size, runtime)
-        except (ValueError, TypeError) as err:  # a bad value, or a backbone timm does not know
+            model = cls._unfitted({key: saved[key] for key in cls.SETTINGS.names}, device, progress, batch_size, runtime)
+            model._load_tensors(tensors, directory / cls.TENSORS_FILE)  # builds the networks
+        except ModelFileError:
+            raise
+        except (ValueError, TypeError) as err:  # a bad value, or a backbone (or level) the network lacks
             raise ModelFileError(f"{config_path}: {err}") from None
         model.thresholds = dict(saved.get("thresholds", {}))
-        model.fit_info = {k: v for k, v in saved.items() if k not in cls.CONFIG_KEYS and k not in FOLDER_KEYS}
-        model._load_tensors(tensors, directory / cls.TENSORS_FILE)
+        model.fit_info = {k: v for k, v in saved.items() if k not in cls.SETTINGS.names and k not in FOLDER_KEYS}
         return model
 
     @classmethod
     def _unfitted(cls, config: dict, device, progress: bool, batch_size: int, runtime: str | None) -> "Detector":
         """The detector a saved config describes, before its tensors are loaded."""
-        return cls(**config, device=device, progress=progress, batch_size=batch_size, runtime=runtime)
+        model = cls(device=device, progress=progress, batch_size=batch_size, runtime=runtime)
+        model._configure(config, check_effect=False)
+        return model
 
 
 def split_holdout(n_images: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
