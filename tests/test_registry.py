@@ -190,7 +190,7 @@ def test_mlflow_models_serve_scores_a_posted_image(mlflow_server, registry, tmp_
 def test_png_round_trip_matches_the_file(registry, monkeypatch):
     """The encoded-bytes path decodes exactly what the file path reads (PNG is lossless)."""
     monkeypatch.setenv("GAUSSAD_IMAGE_ROOTS", str(registry["data"]))
-    from gaussad.pyfunc_model import decode_image
+    from gaussad.serving import decode_image
 
     path = load_category(registry["data"], CATEGORY).test.paths[0]
     buffer = io.BytesIO()

@@ -29,7 +29,7 @@ from gaussad.errors import DatasetError, ModelFileError
 from gaussad.gaussian import GaussianAD
 from gaussad.model_folder import model_digest
 from gaussad.output_folders import MARKER
-from gaussad.pyfunc_model import decode_image
+from gaussad.serving import decode_image
 
 # paper-lite0: shared Gaussians, a model of a few hundred KB (the small-disk test fills a 4 MiB tmpfs)
 FAST = ["--preset", "paper-lite0", "--image-size", "96", "--levels", "3", "4", "5", "--quiet"]

@@ -33,7 +33,7 @@ from gaussad.cli import main
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
 from gaussad.gaussian import GaussianAD
-from gaussad.pyfunc_model import IMAGE_ROOTS_VARIABLE
+from gaussad.serving import IMAGE_ROOTS_VARIABLE
 from gaussad.registry import register_model
 from servers import free_port, healthy, wait_for
 

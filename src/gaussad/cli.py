@@ -10,7 +10,6 @@ take seconds to import: the commands that use them import them, so the others st
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 import warnings
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from gaussad.data import IMAGE_SUFFIXES, ImageSet, list_categories, load_category, read_rgb, validate_images
+from gaussad.cli_workflow import add_workflow_commands
 from gaussad.cli_arguments import (add_dataset_arguments, add_model_arguments, add_runtime_arguments,
                                    model_from_arguments, runtime_options)
 from gaussad.errors import GaussadError
@@ -27,7 +27,6 @@ from gaussad.base_detector import Detector
 from gaussad.detectors import load_model
 from gaussad.export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportedDetector, export_onnx
 from gaussad.model_folder import folder_megabytes
-from gaussad.validation import check_choice
 from gaussad.output_folders import check_model_destination, check_output_folder, claim_output_folder
 
 # OSError: missing files, permissions, a full disk, an unreachable tracking server
@@ -90,32 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", type=Path, help="the file to write (default: MODEL.onnx beside the folder)")
     export.set_defaults(run=_export)
 
-    serve = commands.add_parser("serve", help="retrain on a cron schedule as a Prefect deployment (needs a server)")
-    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
-    serve.add_argument("--data", type=Path, required=True, help="dataset root (MVTec AD layout)")
-    serve.add_argument("--params", type=Path, default=Path("params.yaml"))
-    serve.add_argument("--out", type=Path, default=Path("outputs/pipeline"))
-    serve.add_argument("--cache-dir", type=Path)
-    serve.set_defaults(run=_serve)
-
-    log = commands.add_parser("log", help="log a pipeline run folder (flows/train.py --out) to MLflow and "
-                                          "register its models")
-    log.add_argument("run_dir", type=Path)
-    log.add_argument("--experiment", default="gaussad")
-    log.add_argument("--no-register", dest="register", action="store_false", help="log runs only")
-    log.add_argument("--export-onnx", action="store_true",
-                     help="register each Gaussian model with its exported ONNX graph, which the registered "
-                          "model (and `mlflow models serve`) then runs")
-    log.set_defaults(run=_log)
-
-    promote = commands.add_parser("promote", help="make a registered model's challenger the champion if it is "
-                                                  "at least as good on the same test data")
-    promote.add_argument("names", nargs="+", help="registered models, e.g. gaussad-mvtec-bottle")
-    promote.add_argument("--metric", default="image_auroc",
-                         help="the test metric compared (default image_auroc); another name is refused with the list")
-    promote.add_argument("--data", type=Path, help="dataset root to compare on (default: the challenger's)")
-    promote.add_argument("--force", action="store_true", help="promote whatever the comparison says")
-    promote.set_defaults(run=_promote)
+    add_workflow_commands(commands)
 
     demo = commands.add_parser("demo", help="demo data -> fit and evaluate every category -> results table")
     demo.add_argument("--data", type=Path, default=Path("data"), help="dataset root; the demo data is written there if it is missing or empty (default data/, the folder data.dvc tracks)")
@@ -227,50 +201,6 @@ def _threshold(model: Detector, choice: str | None) -> float:
         return float(choice)
     except ValueError:
         raise ValueError(f"--threshold {choice!r} is neither a number nor one of {sorted(model.thresholds)}") from None
-
-
-def _serve(args: argparse.Namespace) -> None:
-    _require("prefect", "pipeline", "serve")  # Prefect and MLflow only for the commands that use them
-    _require("mlflow", "tracking", "serve")
-    from flows.retrain import serve
-
-    serve(args.cron, str(args.data), str(args.params), str(args.out), str(args.cache_dir) if args.cache_dir else None)
-
-
-def _log(args: argparse.Namespace) -> None:
-    _require("mlflow", "tracking", "log")
-    from gaussad.tracking import log_run_folder, tracking_uri
-
-    logged = log_run_folder(args.run_dir, args.experiment, register=args.register, export_onnx=args.export_onnx)
-    print(f"logged {args.run_dir} to {tracking_uri()}, experiment {args.experiment!r}, run {logged.run_id}")
-    for category, version in logged.versions.items():
-        name = version.rsplit("/", 1)[0]
-        print(f"  {category}: {version} ({'new challenger' if name in logged.new_versions else 'already registered'})")
-
-
-def _promote(args: argparse.Namespace) -> None:
-    _require("mlflow", "tracking", "promote")
-    from gaussad.evaluate import TEST_METRICS
-    from gaussad.registry import promote
-    from gaussad.tracking import tracking_uri
-
-    check_choice("--metric", args.metric, TEST_METRICS)
-
-    for name in args.names:
-        decision = promote(name, args.metric, str(args.data) if args.data else None, args.force, tracking_uri())
-        outcome = "promoted to champion" if decision.promoted else "not promoted"
-        print(f"{decision.name} version {decision.challenger}: {outcome}: {decision.reason}")
-
-
-def _require(module: str, extra: str, command: str) -> None:
-    """A one-line error, naming the extra to install, when `command` needs a package that is not here."""
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        raise ValueError(f"`gaussad {command}` needs {module}, which is not installed: "
-                         f"pip install 'gaussad[{extra}]' (or gaussad[all])") from None
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -39,7 +39,7 @@ from gaussad import __version__
 from gaussad.data import load_category
 from gaussad.evaluate import TEST_METRICS, test_metrics
 from gaussad.detectors import detector_class
-from gaussad.pyfunc_model import EXPORTED_ARTIFACT, MODEL_ARTIFACT
+from gaussad.serving import EXPORTED_ARTIFACT, MODEL_ARTIFACT
 
 # MLflow draws a progress bar per model download or upload: noise in flow logs. Users' settings win.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -25,9 +25,9 @@ from gaussad.base_detector import Detector, Scores, image_paths, split_holdout
 from gaussad.data import ImageSet
 from gaussad.errors import ModelFileError
 from gaussad.features import Backbone, FeatureStore, resolve_runtime
-from gaussad.gaussian import pixel_inputs as inputs
 from gaussad.gaussian.map_operations import map_operator
-from gaussad.gaussian.pixel_inputs import MAP_STACKED, STACKED
+from gaussad.gaussian.pixel_inputs import (MAP_STACKED, STACKED, choose_channels, pixel_inputs, pixel_keys,
+                                            positions)
 from gaussad.gaussian.settings import PRESETS, SETTINGS
 from gaussad.gaussian.statistics import Gaussian, fit_gaussian
 
@@ -131,25 +131,25 @@ class GaussianAD(Detector):
                                 torch.float32 if per_position else torch.float64)
 
         image_levels = c["levels"] if c["image_score"] != "map-max" else []
-        self.channel_subsets = inputs.choose_channels(c, self.backbone.channels())
-        jobs = [("image", level) for level in image_levels] + [("pixel", key) for key in inputs.pixel_keys(c)]
+        self.channel_subsets = choose_channels(c, self.backbone.channels())
+        jobs = [("image", level) for level in image_levels] + [("pixel", key) for key in pixel_keys(c)]
         for kind, key in tqdm(jobs, desc="fitting levels", disable=not self.progress):
             if kind == "image":
                 self.image_gaussians[key] = fit(lambda level=key: (
                     chunk.mean((2, 3))[:, None, :] for chunk in store.chunks(level, rows)))
             elif key in (STACKED, MAP_STACKED):  # all pixel levels of the same images at once
                 self.pixel_gaussians[key] = fit(lambda key=key: (
-                    inputs.positions(self._pixel_inputs(feats, key)[key], shared)
+                    positions(self._pixel_inputs(feats, key)[key], shared)
                     for feats in store.batches(rows, self.batch_size)), not shared)
             else:  # one level, read in chunks
                 self.pixel_gaussians[key] = fit(lambda level=key: (
-                    inputs.positions(self._pixel_inputs({level: chunk}, level)[level], shared)
+                    positions(self._pixel_inputs({level: chunk}, level)[level], shared)
                     for chunk in store.chunks(level, rows)), not shared)
         self.fit_info["channels"] = {str(key): int(g.mean.shape[1]) for key, g in self.pixel_gaussians.items()}
         return self
 
     def _pixel_inputs(self, feats: dict[int, torch.Tensor], only: int | str | None = None) -> dict:
-        return inputs.pixel_inputs(self.config, self.channel_subsets, feats, self.device, only)
+        return pixel_inputs(self.config, self.channel_subsets, feats, self.device, only)
 
     @staticmethod
     def _score_scale(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -207,11 +207,11 @@ class GaussianAD(Detector):
             distance = gaussian.mahalanobis(feats[level].to(device).mean((2, 3))[:, None, :])[:, 0]
             pooled = distance if pooled is None else pooled + distance
         level_maps = {}
-        pixel_inputs = self._pixel_inputs(feats)
+        gaussian_inputs = self._pixel_inputs(feats)
         for key, gaussian in self.pixel_gaussians.items():
-            feats_nchw = pixel_inputs[key]
+            feats_nchw = gaussian_inputs[key]
             n, _, h, w = feats_nchw.shape
-            vectors = inputs.positions(feats_nchw, self.config["spatial"] == "shared")
+            vectors = positions(feats_nchw, self.config["spatial"] == "shared")
             distances = gaussian.mahalanobis(vectors).reshape(n, h, w).float()
             # upsampled bilinearly and smoothed (both linear: the mean over levels commutes with the
             # smoothing) by one matrix per side; int(): while export traces, a side may be a tensor,
@@ -244,16 +244,16 @@ class GaussianAD(Detector):
     def _load_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
         c = self.config
         image_levels = c["levels"] if c["image_score"] != "map-max" else []
-        pixel_keys = inputs.pixel_keys(c)
+        pixel_gaussians = pixel_keys(c)
         for kind, target, levels in (("image", self.image_gaussians, image_levels),
-                                     ("pixel", self.pixel_gaussians, pixel_keys)):
+                                     ("pixel", self.pixel_gaussians, pixel_gaussians)):
             for level in levels:
                 try:
                     fields = [tensors[f"{kind}.{level}.{field}"] for field in GAUSSIAN_FIELDS]
                 except KeyError as missing:
                     raise ModelFileError(f"{path} lacks tensor {missing}") from None
                 target[level] = Gaussian(*fields).to(self.device)
-        self.channel_subsets = {key: tensors[f"pixel.{key}.channels"] for key in pixel_keys
+        self.channel_subsets = {key: tensors[f"pixel.{key}.channels"] for key in pixel_gaussians
                                 if f"pixel.{key}.channels" in tensors}
         if c["image_score"] == "combined":
             if "score_scale" not in tensors:

@@ -1,0 +1,86 @@
+"""The `gaussad` commands of the workflow around the library: serve (the retraining schedule, with
+Prefect), log and promote (MLflow). Prefect and MLflow are extras: each command checks that its
+package is installed and says which extra to install when it is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from gaussad.validation import check_choice
+
+
+def add_workflow_commands(commands) -> None:
+    """serve, log and promote, as subcommands of `commands` (argparse's subparsers)."""
+    serve = commands.add_parser("serve", help="retrain on a cron schedule as a Prefect deployment (needs a server)")
+    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
+    serve.add_argument("--data", type=Path, required=True, help="dataset root (MVTec AD layout)")
+    serve.add_argument("--params", type=Path, default=Path("params.yaml"))
+    serve.add_argument("--out", type=Path, default=Path("outputs/pipeline"))
+    serve.add_argument("--cache-dir", type=Path)
+    serve.set_defaults(run=_serve)
+
+    log = commands.add_parser("log", help="log a pipeline run folder (flows/train.py --out) to MLflow and "
+                                          "register its models")
+    log.add_argument("run_dir", type=Path)
+    log.add_argument("--experiment", default="gaussad")
+    log.add_argument("--no-register", dest="register", action="store_false", help="log runs only")
+    log.add_argument("--export-onnx", action="store_true",
+                     help="register each Gaussian model with its exported ONNX graph, which the registered "
+                          "model (and `mlflow models serve`) then runs")
+    log.set_defaults(run=_log)
+
+    promote = commands.add_parser("promote", help="make a registered model's challenger the champion if it is "
+                                                  "at least as good on the same test data")
+    promote.add_argument("names", nargs="+", help="registered models, e.g. gaussad-mvtec-bottle")
+    promote.add_argument("--metric", default="image_auroc",
+                         help="the test metric compared (default image_auroc); another name is refused with the list")
+    promote.add_argument("--data", type=Path, help="dataset root to compare on (default: the challenger's)")
+    promote.add_argument("--force", action="store_true", help="promote whatever the comparison says")
+    promote.set_defaults(run=_promote)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    _require("prefect", "pipeline", "serve")  # Prefect and MLflow only for the commands that use them
+    _require("mlflow", "tracking", "serve")
+    from flows.retrain import serve
+
+    serve(args.cron, str(args.data), str(args.params), str(args.out), str(args.cache_dir) if args.cache_dir else None)
+
+
+def _log(args: argparse.Namespace) -> None:
+    _require("mlflow", "tracking", "log")
+    from gaussad.tracking import log_run_folder, tracking_uri
+
+    logged = log_run_folder(args.run_dir, args.experiment, register=args.register, export_onnx=args.export_onnx)
+    print(f"logged {args.run_dir} to {tracking_uri()}, experiment {args.experiment!r}, run {logged.run_id}")
+    for category, version in logged.versions.items():
+        name = version.rsplit("/", 1)[0]
+        print(f"  {category}: {version} ({'new challenger' if name in logged.new_versions else 'already registered'})")
+
+
+def _promote(args: argparse.Namespace) -> None:
+    _require("mlflow", "tracking", "promote")
+    from gaussad.evaluate import TEST_METRICS
+    from gaussad.registry import promote
+    from gaussad.tracking import tracking_uri
+
+    check_choice("--metric", args.metric, TEST_METRICS)
+
+    for name in args.names:
+        decision = promote(name, args.metric, str(args.data) if args.data else None, args.force, tracking_uri())
+        outcome = "promoted to champion" if decision.promoted else "not promoted"
+        print(f"{decision.name} version {decision.challenger}: {outcome}: {decision.reason}")
+
+
+def _require(module: str, extra: str, command: str) -> None:
+    """A one-line error, naming the extra to install, when `command` needs a package that is not here."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        raise ValueError(f"`gaussad {command}` needs {module}, which is not installed: "
+                         f"pip install 'gaussad[{extra}]' (or gaussad[all])") from None
