@@ -8,7 +8,6 @@ from gaussad.metrics import (
     best_balanced_accuracy,
     f1_optimal_threshold,
     image_auroc,
-    normal_quantile_threshold,
     pixel_auroc,
     roc_points,
 )
@@ -214,18 +213,6 @@ def test_thresholds_of_separable_scores_give_perfect_results():
 def test_thresholds_need_both_classes(function):
     with pytest.raises(ValueError, match="both"):
         function([1, 1, 1], [0.1, 0.2, 0.3])
-
-
-@pytest.mark.parametrize("quantile", [0.5, 0.9, 0.99, 1.0])
-def test_normal_quantile_threshold_matches_numpy(quantile):
-    scores = np.random.default_rng(0).normal(size=137)
-    assert normal_quantile_threshold(scores, quantile) == np.quantile(scores, quantile)
-
-
-@pytest.mark.parametrize("quantile", [0.0, -0.5, 1.01])
-def test_normal_quantile_threshold_rejects_bad_quantile(quantile):
-    with pytest.raises(ValueError, match="quantile"):
-        normal_quantile_threshold([0.1, 0.2], quantile)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -3,7 +3,7 @@
 A user error (bad path, unreadable image, missing mask, unknown category, unloadable weights, bad
 model folder, an output path holding files gaussad did not write) ends in one line
 `gaussad: error: ...` and exit code 2, never a traceback.
-The evaluation stack (scikit-learn, matplotlib, pandas) and the demo's image synthesis (scipy)
+The evaluation stack (matplotlib, pandas) and the demo's image synthesis (scipy)
 take seconds to import: the commands that use them import them, so the others start without.
 """
 

@@ -87,10 +87,15 @@ def model_from_arguments(args: argparse.Namespace) -> tuple[Detector, dict]:
         raise ValueError(f"{CHECKPOINT_FLAG} applies to --model-type {owner}, not {params['model_type']}")
     block = dict(params.get(detector.PARAMS_BLOCK) or {})
     preset = args.preset or (None if block else args.default_preset)
-    block.update({name: getattr(args, name) for name in shared_flags() + own_flags(detector)
-                  if getattr(args, name) is not None})
+    for name in shared_flags() + own_flags(detector):
+        if getattr(args, name) is not None:
+            row = detector.SETTINGS.rows[name]
+            try:
+                block[name] = row.check(getattr(args, name))
+            except ValueError as err:
+                raise ValueError(f"{row.flag_name}: {err}") from None
     block.update({key: getattr(args, key) for key in ("holdout", "batch_size") if getattr(args, key) is not None})
-    spec = model_spec({**params, detector.PARAMS_BLOCK: block}, str(args.config or "the command line"), preset)
+    spec = model_spec({**params, detector.PARAMS_BLOCK: block}, str(args.config) if args.config else None, preset)
     fit_options = {"holdout": spec.holdout}
     if getattr(args, "checkpoint_dir", None) is not None:
         fit_options["checkpoint_dir"] = args.checkpoint_dir

@@ -53,14 +53,14 @@ class ModelSpec:
         return self.detector(**self.settings, batch_size=self.batch_size, **runtime)
 
 
-def model_spec(params: dict, source: str = "params.yaml", preset: str | None = None) -> ModelSpec:
+def model_spec(params: dict, source: str | None = "params.yaml", preset: str | None = None) -> ModelSpec:
     """The ModelSpec of a parsed params.yaml: `model_type` (default gaussian) and that type's block,
     over the block's `preset` (or `preset`, which replaces it). Every setting is checked here, before
     any compute: an unknown key, a bad value or a setting without effect is a ValueError naming
-    `source`, the key, the value and what is allowed."""
+    `source` (None: the settings were given one by one), the key, the value and what is allowed."""
     detector = detector_class(params.get("model_type", DEFAULT_MODEL_TYPE))
     block = dict(params.get(detector.PARAMS_BLOCK) or {})
-    where = f"{source}: {detector.PARAMS_BLOCK}."
+    where = f"{source}: {detector.PARAMS_BLOCK}." if source else ""
     block_preset = block.pop("preset", None)
     preset = preset or block_preset
     settings = dict(detector.PRESETS[check_choice(f"{detector.NAME} preset", preset, detector.PRESETS)]) \

@@ -199,13 +199,3 @@ def best_balanced_accuracy(labels, scores) -> tuple[float, float]:
     balanced = (tpr + 1.0 - fpr) / 2.0
     best = int(np.argmax(balanced))
     return float(thresholds[best]), float(balanced[best])
-
-
-def normal_quantile_threshold(normal_scores, quantile: float = 0.99) -> float:
-    """Threshold at the given quantile of 1-D defect-free scores, usable without defect labels."""
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    normal_scores = np.asarray(normal_scores, dtype=np.float64).ravel()
-    if normal_scores.size == 0:
-        raise ValueError("normal_scores is empty")
-    return float(np.quantile(normal_scores, quantile))

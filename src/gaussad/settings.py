@@ -140,7 +140,7 @@ class SettingsTable:
             try:
                 settings[name] = row.check(values.get(name, row.default))
             except ValueError as err:
-                raise ValueError(f"{source}{err}" if source else str(err)) from None
+                raise ValueError(f"{source}{name}: {err}" if source else str(err)) from None
         if check_effect:
             for name, row in self.rows.items():
                 if row.applies is not None and settings[name] != row.check(row.default) and not row.applies(settings):
