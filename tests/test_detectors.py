@@ -13,7 +13,6 @@ from gaussad.errors import ModelFileError, NotFittedError
 from gaussad.networks import LITE0_PACKAGE
 from gaussad.gaussian import GaussianAD
 from gaussad.piade import PiadeAD
-from gaussad.validation import check_number
 
 TINY = {  # the cheapest detector of each type: offline weights, small images
     "gaussian": dict(backbone="tf_efficientnet_lite0", weights=LITE0_PACKAGE, levels=(3,), image_size=64),
@@ -65,25 +64,6 @@ def test_model_spec_applies_the_preset_then_the_block():
 def test_model_spec_errors_name_the_key(params, message):
     with pytest.raises(ValueError, match=message):
         model_spec(params)
-
-
-@pytest.mark.parametrize("value, kind, bounds, message", [
-    (0, int, dict(minimum=1), "batch_size must be at least 1, got 0"),
-    (2.5, int, dict(minimum=1), "batch_size must be a whole number, got 2.5"),
-    ("many", int, {}, "batch_size must be a number, got 'many'"),
-    (True, int, {}, "batch_size must be a number, got True"),
-    (float("nan"), float, dict(minimum=0, maximum=1), r"batch_size must be in \[0, 1\], got nan"),
-    (1.0, float, dict(minimum=0, maximum=1, open_high=True), r"batch_size must be in \[0, 1\), got 1.0"),
-    (0.0, float, dict(minimum=0, open_low=True), "batch_size must be > 0, got 0.0"),
-])
-def test_check_number_says_what_is_allowed(value, kind, bounds, message):
-    with pytest.raises(ValueError, match=message):
-        check_number("batch_size", value, kind, **bounds)
-
-
-def test_check_number_converts_what_json_and_yaml_give():
-    assert check_number("epochs", 3.0) == 3 and isinstance(check_number("epochs", 3.0), int)
-    assert check_number("rate", "1e-3", float) == 0.001
 
 
 def test_the_hold_out_split_is_seeded_and_keeps_two_images_to_fit():
