@@ -118,8 +118,8 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 def _fit(args: argparse.Namespace) -> None:
     check_model_destination(args.model)  # a user's folder or file is never replaced
+    model, fit_options = model_from_arguments(args)  # every setting checked; no network built yet
     category = _category(args)  # validated before any compute
-    model, fit_options = model_from_arguments(args)
     model.fit(category.train, **fit_options)
     model.save(args.model)
     print(f"fitted {category.name} on {model.fit_info['n_train_images']} images -> {args.model} "
@@ -208,6 +208,7 @@ def _demo(args: argparse.Namespace) -> None:
     from gaussad.evaluate import evaluate
 
     pd = _pandas()
+    model_from_arguments(args)  # every setting checked before anything is written or computed
     claim_output_folder(args.out, "demo")  # before the demo data is written, so a bad --out costs nothing
     if not args.data.is_dir() or not any(args.data.iterdir()):
         write_demo_dataset(args.data)

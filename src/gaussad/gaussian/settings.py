@@ -76,7 +76,7 @@ PRESETS = {
                     "image_size": 224},
     # Levels 2-5 stacked per position at stride 4, 3×3 binomial averages, 128 random channels, ridge
     # covariance; the image score is the maximum of the map smoothed with σ 2 px.
-    "lite0": {"backbone": "tf_efficientnet_lite0", "weights": LITE0_WEIGHTS, "pixel_levels": (2, 3, 4, 5),
+    "lite0": {"backbone": "tf_efficientnet_lite0", "weights": LITE0_WEIGHTS, "levels": (2, 3, 4, 5),
               "image_size": 224, "spatial": "stacked", "local_average": 3, "local_weights": "binomial",
               "pixel_channels": 128, "covariance": "ridge", "ridge": 0.1, "image_score": "map-max", "smoothing": 2.0},
 }
