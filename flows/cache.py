@@ -24,6 +24,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
 from gaussad.data import Category
+from gaussad.files import file_sha256
 from gaussad.model_folder import remove_abandoned_scratch, scratch_folder
 
 DEFAULT_CACHE = Path(os.environ.get("GAUSSAD_CACHE_DIR", ".gaussad-cache"))
@@ -45,9 +46,7 @@ def file_digest(paths) -> str:
         if path is None:
             digest.update(b"<no file>")
             continue
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
+        file_sha256(path, digest)
         digest.update(b"<end of file>")
     return digest.hexdigest()
 
@@ -68,9 +67,9 @@ def settings_digest(settings: dict) -> str:
 # Their arguments are named as the inputs of the task that writes them: WhileComplete calls them
 # with all of a task's inputs (hence **_).
 
-def features_folder(cache_dir: str, digest: str, backbone: dict, **_) -> Path:
-    """Features of images with content `digest`, extracted with the `backbone` settings."""
-    return Path(cache_dir) / FEATURES / f"{digest[:24]}-{settings_digest(backbone)}"
+def features_folder(cache_dir: str, digest: str, features: dict, **_) -> Path:
+    """Features of images with content `digest`, extracted with the `features` settings."""
+    return Path(cache_dir) / FEATURES / f"{digest[:24]}-{settings_digest(features)}"
 
 
 def model_folder(cache_dir: str, train_store: str, settings: dict, holdout: float, **_) -> Path:

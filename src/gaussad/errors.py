@@ -44,3 +44,10 @@ class NotFittedError(GaussadError, RuntimeError):
 
 class RuntimeUnavailableError(GaussadError, RuntimeError):
     """A feature runtime (ONNX Runtime) that cannot run this backbone here; the message names the way out."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message (torch's and the hub's run over many lines; the first
+    says what went wrong), or its type's name when the message is empty."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__

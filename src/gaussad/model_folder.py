@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from gaussad import __version__
 from gaussad.errors import ModelFileError, OutputError
+from gaussad.files import file_sha256
 from gaussad.output_folders import check_model_destination
 
 DIGEST_KEY = "digest"
@@ -96,11 +97,7 @@ def _publish(directory: str | Path, tensors_file: str, config: dict, write_tenso
 def model_digest(config: dict, tensors_path: Path) -> str:
     """SHA-256 over the config (without its digest, as JSON with sorted keys) and the tensors' bytes."""
     canonical = json.loads(json.dumps({k: v for k, v in config.items() if k != DIGEST_KEY}))
-    digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode())
-    with open(tensors_path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(tensors_path, hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()))
 
 
 def replace_folder(new: Path, target: Path) -> None:

@@ -16,21 +16,37 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from gaussad.errors import DeviceError, WeightsError
+from gaussad.errors import DeviceError, WeightsError, first_line
+from gaussad.files import file_sha256
 
 LITE0_PACKAGE = "package:efficientnet-lite0"
 TF_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def _first_line(err: Exception) -> str:
-    """torch's and the hub's messages run over many lines; the first says what went wrong."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+@dataclass(frozen=True)
+class WeightSource:
+    """A weight source string, parsed: `kind` timm, file, package (LITE0_PACKAGE) or none, and the
+    `path` of a file source (not checked here: it may not exist yet)."""
+
+    kind: str
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, weights: str) -> "WeightSource":
+        if weights in ("timm", "none"):
+            return cls(weights)
+        if weights == LITE0_PACKAGE:
+            return cls("package")
+        if weights.startswith("file:"):
+            return cls("file", Path(weights[len("file:"):]))
+        raise WeightsError(f"unknown weight source {weights!r}: use timm, file:<path>, {LITE0_PACKAGE} or none")
 
 
 def default_device() -> torch.device:
@@ -81,14 +97,15 @@ def level_modules(model: torch.nn.Module) -> list[str]:
 
 def build_model(name: str, weights: str, seed: int = 0) -> torch.nn.Module:
     """A timm model in eval mode with weights from `weights`; never downloads unless `timm`."""
+    source = WeightSource.parse(weights)
     import timm
 
-    if weights == "timm":
+    if source.kind == "timm":
         try:
             model = timm.create_model(name, pretrained=True)
         except Exception as err:  # hub errors come in many types; all mean "not available here"
             raise WeightsError(
-                f"cannot load the timm hub weights of {name!r} ({type(err).__name__}: {_first_line(err)}). "
+                f"cannot load the timm hub weights of {name!r} ({type(err).__name__}: {first_line(err)}). "
                 f"Offline, download them once into the Hugging Face cache, or use weights='file:<path>' "
                 f"(or '{LITE0_PACKAGE}' with tf_efficientnet_lite0)."
             ) from None
@@ -96,15 +113,11 @@ def build_model(name: str, weights: str, seed: int = 0) -> torch.nn.Module:
     try:
         model = _create_without_weights(name, seed)
     except RuntimeError as err:  # timm raises RuntimeError("Unknown model ...")
-        raise WeightsError(f"unknown backbone {name!r}: {_first_line(err)}") from None
-    if weights == "none":
-        pass
-    elif weights == LITE0_PACKAGE:
+        raise WeightsError(f"unknown backbone {name!r}: {first_line(err)}") from None
+    if source.kind == "package":
         _load_lite0_package(model, name)
-    elif weights.startswith("file:"):
-        _load_state_dict_file(model, _weights_file(weights))
-    else:
-        raise WeightsError(f"unknown weight source {weights!r}: use timm, file:<path>, {LITE0_PACKAGE} or none")
+    elif source.kind == "file":
+        _load_state_dict_file(model, _weights_file(source.path))
     return model.eval().requires_grad_(False)
 
 
@@ -148,8 +161,7 @@ def _load_lite0_package(model: torch.nn.Module, name: str) -> None:
     model.load_state_dict(dict(zip(target.keys(), source.values())))
 
 
-def _weights_file(weights: str) -> Path:
-    path = Path(weights[len("file:"):])
+def _weights_file(path: Path) -> Path:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     return path
@@ -164,7 +176,7 @@ def _load_state_dict_file(model: torch.nn.Module, path: Path) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise WeightsError(f"cannot read weights file {path}: {_first_line(err)}") from None
+        raise WeightsError(f"cannot read weights file {path}: {first_line(err)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -172,7 +184,7 @@ def _load_state_dict_file(model: torch.nn.Module, path: Path) -> None:
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensors of the same name but another shape
-        raise WeightsError(f"weights file {path} does not fit {type(model).__name__}: {_first_line(err)}") from None
+        raise WeightsError(f"weights file {path} does not fit {type(model).__name__}: {first_line(err)}") from None
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(
             f"weights file {path} does not fit {type(model).__name__}: "
@@ -182,7 +194,7 @@ def _load_state_dict_file(model: torch.nn.Module, path: Path) -> None:
 
 def normalization(model: torch.nn.Module, weights: str) -> tuple[tuple, tuple]:
     """(mean, std) the weights were trained with: TF's (x-0.5)/0.5 for the packaged Lite0 weights."""
-    if weights == LITE0_PACKAGE:
+    if WeightSource.parse(weights).kind == "package":
         return TF_NORMALIZATION
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
@@ -196,30 +208,19 @@ def add_normalization(module: torch.nn.Module, model: torch.nn.Module, weights: 
     module.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
 
-
-
 def weights_identity(name: str, weights: str, seed: int = 0) -> dict:
     """What decides the network `build_model` would build, found without building it: the SHA-256 of
     a weights file's bytes; for hub and random weights the name and seed, with the timm and torch
     versions that define the architecture and draw the random weights."""
+    source = WeightSource.parse(weights)
     identity = {"backbone": name, "weights": weights, "timm": metadata.version("timm"), "torch": torch.__version__}
-    if weights.startswith("file:"):
-        return {**identity, "sha256": _sha256(_weights_file(weights))}
-    if weights == LITE0_PACKAGE:
-        return {**identity, "sha256": _sha256(Path(_lite0_package_file(name)))}
-    if weights == "none":
+    if source.kind == "file":
+        return {**identity, "sha256": file_sha256(_weights_file(source.path))}
+    if source.kind == "package":
+        return {**identity, "sha256": file_sha256(_lite0_package_file(name))}
+    if source.kind == "none":
         return {**identity, "seed": int(seed)}
-    if weights == "timm":
-        return identity
-    raise WeightsError(f"unknown weight source {weights!r}: use timm, file:<path>, {LITE0_PACKAGE} or none")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return identity
 
 
 def identity_key(identity: dict) -> str:

@@ -12,7 +12,6 @@ and torch versions; the levels; the image size), under $GAUSSAD_ONNX_CACHE (defa
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +19,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from gaussad.errors import RuntimeUnavailableError
+from gaussad.errors import RuntimeUnavailableError, first_line
+from gaussad.files import atomic_file
 from gaussad.networks import LevelNetwork, identity_key, weights_identity
 
 EXPORT_FORMAT = 1  # bump when the exported graph changes for the same inputs
@@ -46,39 +46,35 @@ def exported_network(name: str, weights: str, levels: Sequence[int], image_size:
     if path.is_file():
         return path
     network = LevelNetwork(name, weights, levels, seed).eval()
-    # written beside its final name, then renamed: a reader never sees half a file, and two
-    # processes exporting at once each rename a whole one
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
+        with atomic_file(path) as partial:
+            _export(network, image_size, partial)
     except OSError as err:
         raise RuntimeUnavailableError(f"cannot write the ONNX export cache {path.parent} ({err.strerror or err}): "
                                       f"set GAUSSAD_ONNX_CACHE to a folder you can write, or use --runtime torch"
                                       ) from None
-    os.close(handle)
-    try:
-        _export(network, image_size, Path(partial))
-        os.chmod(partial, 0o644)  # mkstemp makes it private; a cache others may read is not
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
     return path
 
 
 def _export(network: LevelNetwork, image_size: int, path: Path) -> None:
     example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))  # not the global RNG
-    outputs = [f"level_{level}" for level in network.levels]
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-            torch.onnx.export(network, (example,), str(path), dynamo=False, opset_version=OPSET,
-                              input_names=["images"], output_names=outputs,
-                              dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]})
+        export_graph(network, example, path, [f"level_{level}" for level in network.levels])
     except Exception as err:  # the exporter's errors come in many types
         raise RuntimeUnavailableError(
             f"cannot export the levels {list(network.levels)} of this backbone to ONNX "
-            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
-            f"use --runtime torch") from None
+            f"({type(err).__name__}: {first_line(err)}); use --runtime torch") from None
+
+
+def export_graph(module: torch.nn.Module, example: torch.Tensor, path: str | Path, output_names: Sequence[str]) -> None:
+    """Trace `module` on the images `example` and write it to `path` as an ONNX graph OnnxSession
+    runs: input `images`, outputs `output_names`, the batch axis of each left free."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["images"], output_names=list(output_names),
+                          dynamic_axes={name: {0: "batch"} for name in ["images", *output_names]})
 
 
 class OnnxSession:
@@ -97,7 +93,7 @@ class OnnxSession:
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:
-            raise RuntimeUnavailableError(f"ONNX Runtime cannot load {path} ({str(err).strip().splitlines()[0]}); "
+            raise RuntimeUnavailableError(f"ONNX Runtime cannot load {path} ({first_line(err)}); "
                                           f"delete it to export it again, or use --runtime torch") from None
         shape = self.session.get_inputs()[0].shape
         self.image_size = shape[-1] if isinstance(shape[-1], int) else None

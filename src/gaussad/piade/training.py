@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from gaussad.errors import CheckpointError
+from gaussad.errors import CheckpointError, first_line
 from gaussad.model_folder import remove_abandoned_scratch, replace_folder, scratch_folder
 
 CHECKPOINT_FORMAT_VERSION = 2
@@ -181,7 +181,7 @@ class TrainingRun:
             self.optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
             self.scaler.load_state_dict(state["grad_scaler"])
         except (KeyError, ValueError, RuntimeError) as err:  # torch reports a mismatch as RuntimeError
-            raise CheckpointError(f"checkpoint {folder} does not fit this model: {str(err).splitlines()[0]}") from None
+            raise CheckpointError(f"checkpoint {folder} does not fit this model: {first_line(err)}") from None
         self.history = state["loss_history"]
         return state["epoch"]
 
