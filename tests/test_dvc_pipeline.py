@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,26 @@ def test_replacing_the_data_then_dvc_add_push_pull(project, env, tmp_path):
     assert run(project, "dvc", "status", "data.dvc", env=env).strip() == "Data and pipelines are up to date."
     # the train stage depends on data.root, i.e. on the dataset data.dvc tracks
     assert '"data.dvc" -> "train"' in run(project, "dvc", "dag", "--dot", env=env)
+
+
+def test_repro_stops_in_seconds_on_a_bad_setting(project, env):
+    """A bad value in params.yaml stops `dvc repro` with one line naming the key, before the flow
+    (and its server) starts and before any image is read."""
+    write_demo_dataset(project / "data", categories=["weave"], n_train=4, n_test_good=2, n_test_per_defect=1,
+                       image_size=32)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["spatial"] = "foo"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    started = time.monotonic()
+    done = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    seconds = time.monotonic() - started
+    assert done.returncode != 0
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("gaussad-train:")]
+    assert errors == ["gaussad-train: params.yaml: model.spatial: unknown spatial mode 'foo': "
+                      "use one of shared, per-location, stacked"]
+    assert not (project / ".gaussad-cache").exists() and not (project / "outputs").exists()
+    assert seconds < 60, seconds
 
 
 @pytest.mark.slow  # two flow runs, ~35 s each (mostly Prefect's temporary server)
