@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from gaussad.base_detector import Detector
+from gaussad.errors import first_line
 from gaussad.detectors import DEFAULT_MODEL_TYPE, DETECTORS, detector_class, model_spec
 from gaussad.features import RUNTIMES
 
@@ -106,7 +107,7 @@ def read_config(path: Path) -> dict:
     try:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"{path} is not valid YAML: {first_line(err)}") from None
     if not isinstance(params, dict):
         raise ValueError(f"{path} holds no settings (a YAML mapping like params.yaml)")
     return params

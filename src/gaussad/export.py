@@ -15,9 +15,6 @@ Parity is checked at export on seeded images, and in the tests on real ones: ima
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +22,10 @@ import torch
 
 from gaussad.base_detector import Detector
 from gaussad.errors import ModelFileError, OutputError
+from gaussad.files import atomic_file
 from gaussad.detectors import detector_class
 from gaussad.networks import LevelNetwork
-from gaussad.onnx_features import OPSET, OnnxSession
+from gaussad.onnx_features import OnnxSession, export_graph
 
 CONFIG_KEY = "gaussad_config"  # the metadata entry holding the model's config.json
 SCORE_TOLERANCE = 1e-4  # relative, per image
@@ -63,21 +61,11 @@ def export_onnx(model: Detector, path: str | Path, check_images: int = 2) -> Pat
     size = model.config["image_size"]
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(handle)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-            torch.onnx.export(DetectorGraph(model), (example,), partial, dynamo=False, opset_version=OPSET,
-                              input_names=["images"], output_names=["image_scores", "maps"],
-                              dynamic_axes={"images": {0: "batch"}, "image_scores": {0: "batch"}, "maps": {0: "batch"}})
-        _add_metadata(Path(partial), {CONFIG_KEY: json.dumps(model.to_config())})
+    with atomic_file(path) as partial:
+        export_graph(DetectorGraph(model), example, partial, ["image_scores", "maps"])
+        _add_metadata(partial, {CONFIG_KEY: json.dumps(model.to_config())})
         check = torch.rand(check_images, 3, size, size, generator=torch.Generator().manual_seed(1))
         parity(ExportedDetector.load(partial), model, check)
-        os.chmod(partial, 0o644)
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
     return path
 
 

@@ -38,6 +38,7 @@ from PIL import Image
 from gaussad import __version__
 from gaussad.data import load_category
 from gaussad.evaluate import TEST_METRICS, test_metrics
+from gaussad.files import file_sha256
 from gaussad.detectors import detector_class
 from gaussad.serving import EXPORTED_ARTIFACT, MODEL_ARTIFACT
 
@@ -58,13 +59,14 @@ def registered_name(dataset: str, category: str) -> str:
     return f"gaussad-{dataset}-{category}"
 
 
-def model_digest(model_dir: Path, export_onnx: bool = False) -> str:
+def fit_digest(model_dir: Path, export_onnx: bool = False) -> str:
     """SHA-256 of the model's type and tensors (and whether the version holds an exported graph):
-    equal for the same fit, whatever its timings."""
+    equal for the same fit, whatever its timings (the `model_digest` tag of a version). Not the
+    folder's own digest (gaussad.model_folder.model_digest), which covers the config too."""
     config = json.loads((model_dir / "config.json").read_text())
     digest = hashlib.sha256(config["model_type"].encode())
     for tensors in sorted(model_dir.glob("*.safetensors")):
-        digest.update(tensors.read_bytes())
+        file_sha256(tensors, digest)
     if export_onnx:
         digest.update(b"+onnx")
     return digest.hexdigest()
@@ -79,7 +81,7 @@ def register_model(model_dir: Path, dataset: str, category: str, dataset_root: s
     config = json.loads((model_dir / "config.json").read_text())
     detector = detector_class(config["model_type"])
     export_onnx = export_onnx and detector.EXPORTS_ONNX
-    digest = model_digest(model_dir, export_onnx)
+    digest = fit_digest(model_dir, export_onnx)
     existing = _version_with_digest(client, name, digest)
     if existing is not None:
         return name, existing.version, False
