@@ -21,7 +21,7 @@ from flows.train import train  # noqa: E402
 from gaussad.cli import main  # noqa: E402
 from gaussad.demo import write_demo_dataset  # noqa: E402
 from gaussad.piade import PiadeAD  # noqa: E402
-from gaussad.registry import model_digest, promote  # noqa: E402
+from gaussad.registry import fit_digest, promote  # noqa: E402
 from gaussad.tracking import TrackingError, log_run_folder  # noqa: E402
 from servers import free_port, tracking_to  # noqa: E402
 
@@ -84,7 +84,7 @@ def test_flow_registers_each_category_model_as_its_challenger(mlflow_server, flo
         metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
         assert version.version == "1" and version.tags["category"] == category
         assert version.tags["model_type"] == "gaussian" and version.tags["dataset"] == "data"
-        assert version.tags["model_digest"] == model_digest(folder / "model")
+        assert version.tags["model_digest"] == fit_digest(folder / "model")
         assert float(version.tags["metric.image_auroc"]) == pytest.approx(metrics["image_auroc"])
         assert client.get_run(version.run_id).data.tags["category"] == category  # linked to its nested run
         info = mlflow.models.get_model_info(f"models:/{name}/1")
