@@ -16,6 +16,7 @@ A subclass implements `fit`, `score_batch`, `is_fitted`, `_tensors` and `_load_t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -141,7 +142,7 @@ class Detector:
         self.check_fitted()
         paths = image_paths(images)
         batches = image_batches(paths, self.config["image_size"], self.batch_size, self.device)
-        total = -(-len(paths) // self.batch_size)
+        total = math.ceil(len(paths) / self.batch_size)
         progress = tqdm(batches, total=total, desc="scoring", unit="batch", disable=not self.progress)
         return Scores.concatenate([self.score_batch(batch) for batch in progress])
 

@@ -11,6 +11,7 @@ ahead of the network, so decoding overlaps the forward pass; each image is decod
 
 from __future__ import annotations
 
+import math
 import json
 import time
 from collections import deque
@@ -153,7 +154,7 @@ class FeatureStore:
         started = time.perf_counter()
         files: dict[int, BinaryIO] = {}
         batches = image_batches(paths, backbone.image_size, batch_size, backbone.device)
-        total = -(-len(paths) // batch_size)
+        total = math.ceil(len(paths) / batch_size)
         try:
             for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=not progress):
                 for level, feats_nchw in backbone.extract(batch).items():
