@@ -76,3 +76,12 @@ def mlflow_server(tmp_path_factory):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def source_state():
+    """The state of a Lite0 with random weights from seed 7: what a weights file holds (tests of
+    weight sources and of the export cache)."""
+    from gaussad.networks import build_model
+
+    return build_model("tf_efficientnet_lite0", "none", seed=7).state_dict()
