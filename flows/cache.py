@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import flows.runtime  # noqa: F401  (before prefect: it sets Prefect's environment defaults)
+
+# isort: split
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 

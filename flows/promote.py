@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from flows.runtime import device_lock  # first: it sets Prefect's environment defaults
+
+# isort: split
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 

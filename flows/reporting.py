@@ -18,6 +18,8 @@ import numpy as np
 import yaml
 
 import flows.runtime  # noqa: F401  (before prefect: it sets Prefect's environment defaults)
+
+# isort: split
 from prefect.artifacts import create_markdown_artifact
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy")

@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import flows.runtime  # noqa: F401  (first: it sets Prefect's environment defaults)
+
+# isort: split
 from prefect import flow
 
 from flows.promote import promote_models

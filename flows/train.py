@@ -29,16 +29,32 @@ from pathlib import Path
 import yaml
 
 from flows.runtime import dask_runner, device_lock  # first: it sets Prefect's environment defaults
+
+# isort: split
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.futures import PrefectFuture
 
-from flows.cache import (CACHE_FOLDERS, DEFAULT_CACHE, EVALUATION_FILES, FEATURE_FILES, MODEL_FILES, WhileComplete,
-                         checkpoint_folder, evaluation_folder, features_folder, file_digest, model_folder, new_folder,
-                         results_folder, test_split_digest, training_folder)
+from flows.cache import (
+    CACHE_FOLDERS,
+    DEFAULT_CACHE,
+    EVALUATION_FILES,
+    FEATURE_FILES,
+    MODEL_FILES,
+    WhileComplete,
+    checkpoint_folder,
+    evaluation_folder,
+    features_folder,
+    file_digest,
+    model_folder,
+    new_folder,
+    results_folder,
+    test_split_digest,
+    training_folder,
+)
 from flows.reporting import publish, report, write_summary
-from gaussad.data import Category, ImageSet, list_categories, load_category
 from gaussad.base_detector import Detector
+from gaussad.data import Category, ImageSet, list_categories, load_category
 from gaussad.detectors import ModelSpec, detector_class, load_model, model_spec
 from gaussad.errors import DatasetError, GaussadError
 from gaussad.evaluate import evaluate
@@ -239,7 +255,8 @@ def collect(futures: dict[str, dict[str, PrefectFuture]], out_dir: Path, failure
     for name, steps in futures.items():
         steps["evaluate"].wait()
         states = {step: future.state for step, future in steps.items()}
-        work[name] = {step: "cached" if state.name == "Cached" else state.name.lower() for step, state in states.items()}
+        work[name] = {step: "cached" if state.name == "Cached" else state.name.lower()
+                      for step, state in states.items()}
         if states["evaluate"].is_completed():
             results[name] = publish(Path(steps["evaluate"].result()), out_dir / name)
         else:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from servers import free_port, healthy, wait_for
 
 from gaussad.demo import write_demo_dataset
-from servers import free_port, healthy, wait_for
 
 _DEMO_SPEC = {
     "n_train": 20,

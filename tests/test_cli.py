@@ -149,7 +149,8 @@ def test_console_script_exit_code_and_message(tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"gaussad: error: dataset root {tmp_path / 'missing'} does not exist or is not a folder"
+    missing = tmp_path / "missing"
+    assert result.stderr.strip() == f"gaussad: error: dataset root {missing} does not exist or is not a folder"
 
 
 def test_paper_preset_offline_says_how_to_get_weights(dataset, tmp_path):

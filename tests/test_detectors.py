@@ -10,8 +10,8 @@ import pytest
 from gaussad.base_detector import split_holdout
 from gaussad.detectors import DETECTORS, detector_class, load_model, model_spec
 from gaussad.errors import ModelFileError, NotFittedError
-from gaussad.networks import LITE0_PACKAGE
 from gaussad.gaussian import GaussianAD
+from gaussad.networks import LITE0_PACKAGE
 from gaussad.piade import PiadeAD
 
 TINY = {  # the cheapest detector of each type: offline weights, small images
@@ -77,8 +77,9 @@ def test_the_hold_out_split_is_seeded_and_keeps_two_images_to_fit():
 
 def test_params_yaml_holds_the_lite0_preset():
     """The pipeline's params.yaml runs the recommended offline configuration: the lite0 preset."""
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     settings = model_spec(params).settings

@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from feature_helpers import LITE0, cpu_backbone
+
 from gaussad import features
 from gaussad.data import read_rgb
 from gaussad.errors import DatasetError
 from gaussad.features import FeatureStore, image_batches, to_tensor
 from gaussad.networks import LITE0_PACKAGE
-
 
 # ---- image batches ---------------------------------------------------------------------------------
 

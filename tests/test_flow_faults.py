@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
 
 import flows.cache as task_cache  # a module: pytest would collect its test_split_digest as a test
 import flows.train as pipeline
 from gaussad.data import load_category
 from gaussad.detectors import model_spec
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 
 ROOT = Path(__file__).parents[1]
 CATEGORIES = ["brushed", "weave"]  # the demo_root fixture's
@@ -141,7 +141,8 @@ def test_deleted_cache_folders_are_recomputed_with_the_same_metrics(project, pre
     shutil.rmtree(folders["model"])
     (folders["evaluation"] / "timings.json").unlink()  # an incomplete folder is replaced, not trusted
     summary = run_here(project, ["weave"])
-    assert summary["tasks"]["weave"] == {"train": "cached", "test": "cached", "fit": "completed", "evaluate": "completed"}
+    assert summary["tasks"]["weave"] == {"train": "cached", "test": "cached", "fit": "completed",
+                                         "evaluate": "completed"}
     assert summary["metrics"] == before
     assert_every_folder_complete(project["cache"])
     assert cache_folders(project["cache"])["scratch"] == []

@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from gaussad.data import load_category, read_rgb
-from gaussad.features import to_tensor
-from gaussad.networks import LITE0_PACKAGE
 from gaussad.errors import ModelFileError, OutputError
+from gaussad.features import to_tensor
 from gaussad.gaussian import GaussianAD
 from gaussad.model_folder import model_digest
+from gaussad.networks import LITE0_PACKAGE
 
 LEVELS = (3, 4, 5)
 SIZE = 96

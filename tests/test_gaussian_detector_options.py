@@ -12,12 +12,12 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from gaussad.data import load_category
 from gaussad.base_detector import split_holdout
-from gaussad.networks import LITE0_PACKAGE
+from gaussad.data import load_category
 from gaussad.gaussian import GaussianAD
 from gaussad.gaussian.pixel_inputs import choose_channels
 from gaussad.model_folder import model_digest
+from gaussad.networks import LITE0_PACKAGE
 
 SIZE = 64
 
@@ -97,7 +97,8 @@ def test_folders_saved_before_the_options_keep_their_meaning(models, scores, cat
     config = json.loads((folder / "config.json").read_text())
     for key in ("image_score", "pixel_levels", "smoothing", "digest"):
         config.pop(key)
-    (folder / "config.json").write_text(json.dumps({**config, "digest": model_digest(config, folder / "stats.safetensors")}))
+    digest = model_digest(config, folder / "stats.safetensors")
+    (folder / "config.json").write_text(json.dumps({**config, "digest": digest}))
     loaded = GaussianAD.load(folder, device="cpu", progress=False)
     assert (loaded.config["image_score"], loaded.config["pixel_levels"], loaded.config["smoothing"]) == \
         ("pooled", [3, 4], 0.0)

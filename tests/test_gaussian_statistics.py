@@ -12,7 +12,6 @@ from sklearn.decomposition import PCA
 
 from gaussad.gaussian.statistics import fit_gaussian
 
-
 # ---- helpers -------------------------------------------------------------------------------------
 
 

@@ -8,10 +8,10 @@ import pytest
 import skimage.data
 import timm
 import torch
+from feature_helpers import cpu_backbone, random_images
 from PIL import Image
 from safetensors.torch import save_file
 
-from feature_helpers import cpu_backbone, random_images
 from gaussad.features import to_tensor
 from gaussad.networks import LITE0_PACKAGE, LevelNetwork, WeightsError, build_model, normalization
 

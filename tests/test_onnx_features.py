@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import skimage.data
 import torch
+from feature_helpers import LITE0, cpu_backbone, random_images
 from PIL import Image
 
-from feature_helpers import LITE0, cpu_backbone, random_images
 from gaussad.errors import RuntimeUnavailableError
 from gaussad.features import resolve_runtime, to_tensor
 from gaussad.networks import LITE0_PACKAGE, build_model
 from gaussad.onnx_features import cache_dir
-
 
 # ---- the runtimes -----------------------------------------------------------------------------------
 

@@ -32,10 +32,12 @@ def test_core_modules_import_without_workflow_tools(tmp_path):
 
 def test_workflow_tools_are_extras(tmp_path):
     # the installed metadata (stale if pyproject.toml changed since `pip install -e '.[all,test]'`)
-    lines = json.loads(python("import importlib.metadata as m, json; print(json.dumps(m.requires('gaussad')))", tmp_path))
+    code = "import importlib.metadata as m, json; print(json.dumps(m.requires('gaussad')))"
+    lines = json.loads(python(code, tmp_path))
     requirements = [Requirement(line) for line in lines]
     core = {r.name.lower() for r in requirements if r.marker is None}
-    assert not core & set().union(*WORKFLOW.values()), f"core dependencies include {core & set().union(*WORKFLOW.values())}"
+    workflow = set().union(*WORKFLOW.values())
+    assert not core & workflow, f"core dependencies include {core & workflow}"
     assert {"torch", "timm", "numpy", "pillow", "pyyaml"} <= core
     for extra, names in WORKFLOW.items():
         listed = {r.name.lower() for r in requirements if r.marker and r.marker.evaluate({"extra": extra})}

@@ -13,13 +13,14 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from servers import free_port, healthy, tracking_to, wait_for
 
+import mlflow
 from gaussad.cli import main
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
@@ -27,7 +28,6 @@ from gaussad.evaluate import evaluate
 from gaussad.gaussian import GaussianAD
 from gaussad.registry import promote
 from gaussad.tracking import log_run_folder
-from servers import free_port, healthy, tracking_to, wait_for
 
 CATEGORY = "hexnut"
 NAME = f"gaussad-promo-{CATEGORY}"  # the dataset folder is named "promo"

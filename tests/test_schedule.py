@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from servers import free_port, healthy, wait_for
 
 from gaussad.demo import write_demo_dataset
-from servers import free_port, healthy, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -22,8 +22,13 @@ BIN = Path(sys.executable).parent
 def completed_runs(url: str) -> int:
     """How many runs of the retrain flow (not counting its subflows) the server at `url` has completed."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -61,7 +66,8 @@ def test_served_deployment_runs_on_schedule_and_by_hand(tmp_path):
         wait_for(lambda: completed_runs(url) >= 1, 240, "a scheduled run to complete")
         assert (tmp_path / "out" / "weave" / "model" / "config.json").is_file()
         registered = MlflowClient(mlflow_uri).get_registered_model("gaussad-data-weave")
-        assert {alias: str(v) for alias, v in registered.aliases.items()} == {"champion": "1", "challenger": "1"}  # trained, registered, promoted
+        # trained, registered, promoted
+        assert {alias: str(v) for alias, v in registered.aliases.items()} == {"champion": "1", "challenger": "1"}
         manual = subprocess.run([str(BIN / "prefect"), "deployment", "run", "gaussad-retrain/scheduled"],
                                 env=env, capture_output=True, text=True, timeout=60)
         assert manual.returncode == 0, manual.stderr

@@ -23,19 +23,19 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from servers import free_port, healthy, wait_for
 
+import mlflow
 from gaussad.cli import main
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
 from gaussad.gaussian import GaussianAD
-from gaussad.serving import IMAGE_ROOTS_VARIABLE
 from gaussad.registry import register_model
-from servers import free_port, healthy, wait_for
+from gaussad.serving import IMAGE_ROOTS_VARIABLE
 
 CATEGORY = "hexnut"
 SMALL = {"backbone": "tf_efficientnet_lite0", "levels": (3, 4), "image_size": 64, "batch_size": 8, "progress": False}
@@ -129,7 +129,8 @@ HOSTILE_REQUESTS = {
     "bomb": (json_body(bomb_png()), "application/json", BOMB_SIZE),
     "path in JSON": (json_body("/etc/passwd"), "application/json", "not compatible with model signature"),
     "path in CSV": (csv_body("/etc/passwd"), "text/csv", "image paths are not accepted"),
-    "nan array": (json_body(np.full((5, 5), np.nan).tolist()), "application/json", "not compatible with model signature"),
+    "nan array": (json_body(np.full((5, 5), np.nan).tolist()), "application/json",
+                  "not compatible with model signature"),
     "wrong shape": (json_body(np.zeros((5, 5, 7)).tolist()), "application/json", "not compatible with model signature"),
     "empty": (json_body(), "application/json", "the input holds no images"),
     "garbage": (json_body(GARBAGE), "application/json", "cannot read image"),

@@ -13,17 +13,17 @@ import yaml
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from servers import free_port, tracking_to  # noqa: E402
 
+import mlflow  # noqa: E402
 from flows.train import train  # noqa: E402
 from gaussad.cli import main  # noqa: E402
 from gaussad.demo import write_demo_dataset  # noqa: E402
 from gaussad.piade import PiadeAD  # noqa: E402
 from gaussad.registry import fit_digest, promote  # noqa: E402
 from gaussad.tracking import TrackingError, log_run_folder  # noqa: E402
-from servers import free_port, tracking_to  # noqa: E402
 
 CATEGORIES = ["weave", "hexnut"]
 
@@ -123,7 +123,8 @@ def test_piade_challenger_is_compared_with_the_gaussian_champion(mlflow_server, 
     assert flow_runs["piade"]["registered"] == {"weave": "gaussad-data-weave/2"}
     client = MlflowClient(mlflow_server)
     tags = client.get_model_version("gaussad-data-weave", "2").tags
-    assert tags["model_type"] == "piade" and tags["weights"] == tags["perceptual_weights"] == "package:efficientnet-lite0"
+    assert tags["model_type"] == "piade"
+    assert tags["weights"] == tags["perceptual_weights"] == "package:efficientnet-lite0"
     assert tags["backbone"] == tags["perceptual"] == "tf_efficientnet_lite0"
     decision = promote("gaussad-data-weave", "image_auroc", uri=mlflow_server)
     piade_auroc = json.loads((flow_runs["piade_out"] / "weave" / "evaluation" / "metrics.json").read_text())

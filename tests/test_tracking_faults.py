@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from servers import free_port, healthy, wait_for
 
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
 from gaussad.evaluate import evaluate
 from gaussad.gaussian import GaussianAD
-from servers import free_port, healthy, wait_for
 
 CATEGORIES = ["brushed", "hexnut", "weave"]
 SMALL = {"backbone": "tf_efficientnet_lite0", "levels": (3, 4), "image_size": 64, "batch_size": 8, "progress": False}

@@ -29,9 +29,9 @@ from gaussad import __version__
 from gaussad.data import ImageSet
 from gaussad.errors import ModelFileError, NotFittedError
 from gaussad.features import image_batches
+from gaussad.model_folder import read_model_folder, rewrite_config, write_model_folder
 from gaussad.networks import resolve_device
 from gaussad.settings import SettingsTable
-from gaussad.model_folder import read_model_folder, rewrite_config, write_model_folder
 from gaussad.validation import check_choice, check_number
 
 FORMAT_VERSION = 2  # 2: config.json carries the digest of config + tensors
@@ -205,7 +205,8 @@ class Detector:
         if missing:
             raise ModelFileError(f"{config_path} lacks the key(s) {', '.join(missing)}")
         try:
-            model = cls._unfitted({key: saved[key] for key in cls.SETTINGS.names}, device, progress, batch_size, runtime)
+            settings = {key: saved[key] for key in cls.SETTINGS.names}
+            model = cls._unfitted(settings, device, progress, batch_size, runtime)
             model._load_tensors(tensors, directory / cls.TENSORS_FILE)  # builds the networks
         except ModelFileError:
             raise

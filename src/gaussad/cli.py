@@ -18,13 +18,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gaussad.data import IMAGE_SUFFIXES, ImageSet, list_categories, load_category, read_rgb, validate_images
-from gaussad.cli_workflow import add_workflow_commands
-from gaussad.cli_arguments import (add_dataset_arguments, add_model_arguments, add_runtime_arguments,
-                                   model_from_arguments, runtime_options)
-from gaussad.errors import GaussadError
 from gaussad.base_detector import Detector
+from gaussad.cli_arguments import (
+    add_dataset_arguments,
+    add_model_arguments,
+    add_runtime_arguments,
+    model_from_arguments,
+    runtime_options,
+)
+from gaussad.cli_workflow import add_workflow_commands
+from gaussad.data import IMAGE_SUFFIXES, ImageSet, list_categories, load_category, read_rgb, validate_images
 from gaussad.detectors import load_model
+from gaussad.errors import GaussadError
 from gaussad.export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportedDetector, export_onnx
 from gaussad.model_folder import folder_megabytes
 from gaussad.output_folders import check_model_destination, check_output_folder, claim_output_folder
@@ -92,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     add_workflow_commands(commands)
 
     demo = commands.add_parser("demo", help="demo data -> fit and evaluate every category -> results table")
-    demo.add_argument("--data", type=Path, default=Path("data"), help="dataset root; the demo data is written there if it is missing or empty (default data/, the folder data.dvc tracks)")
+    demo.add_argument("--data", type=Path, default=Path("data"),
+                      help="dataset root; the demo data is written there if it is missing or empty "
+                           "(default data/, the folder data.dvc tracks)")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"))
     add_model_arguments(demo, default_preset="lite0")
     demo.set_defaults(run=_demo)

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 
 from gaussad.base_detector import Detector
-from gaussad.errors import first_line
 from gaussad.detectors import DEFAULT_MODEL_TYPE, DETECTORS, detector_class, model_spec
+from gaussad.errors import first_line
 from gaussad.features import RUNTIMES
 
 

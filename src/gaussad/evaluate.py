@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 
-from gaussad.data import Category, read_mask, read_rgb
-from gaussad.metrics import aupro, best_balanced_accuracy, f1_optimal_threshold, image_auroc, pixel_auroc, roc_points
 from gaussad.base_detector import Detector, Scores
+from gaussad.data import Category, read_mask, read_rgb
 from gaussad.features import to_tensor
+from gaussad.metrics import aupro, best_balanced_accuracy, f1_optimal_threshold, image_auroc, pixel_auroc, roc_points
 from gaussad.output_folders import claim_output_folder
 from gaussad.plots import save_overlay, save_reconstruction, save_roc_curve, save_score_histogram
 

@@ -1,6 +1,7 @@
-"""A fitted detector that can export (EXPORTS_ONNX: the Gaussian one) as one ONNX graph: images [n, 3, S, S] in [0, 1] -> (image scores [n] float64,
-anomaly maps [n, S, S] float32), the backbone, the Mahalanobis distances, the map and its smoothing
-in one file that ONNX Runtime runs without torch's model code.
+"""A fitted detector that can export (EXPORTS_ONNX: the Gaussian one) as one ONNX graph: images [n, 3,
+S, S] in [0, 1] -> (image scores [n] float64, anomaly maps [n, S, S] float32), the backbone, the
+Mahalanobis distances, the map and its smoothing in one file that ONNX Runtime runs without torch's
+model code.
 
     export_onnx(model, "bottle.onnx")      # writes it, after checking it scores as the model does
     exported = ExportedDetector.load("bottle.onnx")
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 
 from gaussad.base_detector import Detector
+from gaussad.detectors import detector_class
 from gaussad.errors import ModelFileError, OutputError
 from gaussad.files import atomic_file
-from gaussad.detectors import detector_class
 from gaussad.networks import LevelNetwork
 from gaussad.onnx_features import OnnxSession, export_graph
 

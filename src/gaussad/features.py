@@ -11,8 +11,8 @@ ahead of the network, so decoding overlaps the forward pass; each image is decod
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -178,7 +178,8 @@ class FeatureStore:
         """The [N, C, h, w] features of one level, memory-mapped (for inspection; fitting uses chunks)."""
         return np.load(self.directory / f"level_{level}.npy", mmap_mode="r")
 
-    def chunks(self, level: int, rows: Sequence[int] | None = None, max_bytes: int = 8 * 2**20) -> Iterator[torch.Tensor]:
+    def chunks(self, level: int, rows: Sequence[int] | None = None,
+               max_bytes: int = 8 * 2**20) -> Iterator[torch.Tensor]:
         """The level's features in [n, C, h, w] chunks of at most ~max_bytes each, read from the file;
         with `rows`, only those images (in file order)."""
         keep = None if rows is None else np.isin(np.arange(len(self)), np.asarray(rows, dtype=int))

@@ -244,7 +244,8 @@ class LevelNetwork(torch.nn.Module):
         bad = [level for level in self.levels if not 0 <= level < len(modules)]
         if not self.levels or bad:
             raise ValueError(f"levels {list(levels)} invalid for {name}: it has levels 0..{len(modules) - 1}")
-        self.network = create_feature_extractor(model, return_nodes={modules[level]: str(level) for level in self.levels})
+        nodes = {modules[level]: str(level) for level in self.levels}
+        self.network = create_feature_extractor(model, return_nodes=nodes)
         add_normalization(self, model, weights)
 
     def forward(self, images_nchw: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -5,7 +5,6 @@ registries: it imports one name, gaussad.serving.GaussadModel, which stays where
 """
 
 import mlflow
-
 from gaussad.serving import GaussadModel
 
 mlflow.models.set_model(GaussadModel())

@@ -26,7 +26,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -35,11 +34,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+import mlflow
 from gaussad import __version__
 from gaussad.data import load_category
+from gaussad.detectors import detector_class
 from gaussad.evaluate import TEST_METRICS, test_metrics
 from gaussad.files import file_sha256
-from gaussad.detectors import detector_class
 from gaussad.serving import EXPORTED_ARTIFACT, MODEL_ARTIFACT
 
 # MLflow draws a progress bar per model download or upload: noise in flow logs. Users' settings win.

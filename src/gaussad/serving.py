@@ -1,11 +1,12 @@
 """The MLflow pyfunc model of a saved gaussad model (logged as "model from code", never pickled).
 
-MLflow copies gaussad/pyfunc_model.py into each logged model and runs it on load; that file
-imports only `GaussadModel` from here, so this module's name and that class are what registered
-versions depend on: keep both where they are. Its artifacts are the model folder (config.json + stats.safetensors or weights.safetensors), read by `load_model`, and for a
-version registered with `export_onnx` the exported graph (gaussad.export), which then scores:
-the same numbers within the export's parity bounds, faster on a CPU. To score such a version with
-the folder instead: `mlflow.pyfunc.load_model(uri, model_config={"use_exported": False})`.
+MLflow copies gaussad/pyfunc_model.py into each logged model and runs it on load; that file imports
+only `GaussadModel` from here, so this module's name and that class are what registered versions
+depend on: keep both where they are. Its artifacts are the model folder (config.json +
+stats.safetensors or weights.safetensors), read by `load_model`, and for a version registered with
+`export_onnx` the exported graph (gaussad.export), which then scores: the same numbers within the
+export's parity bounds, faster on a CPU. To score such a version with the folder instead:
+`mlflow.pyfunc.load_model(uri, model_config={"use_exported": False})`.
 
     model = mlflow.pyfunc.load_model("models:/gaussad-mvtec-bottle@champion")
     model.predict(pd.DataFrame({"image": ["a.png", png_bytes, rgb_array]}))
@@ -30,7 +31,6 @@ import os
 import threading
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -38,10 +38,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
+import mlflow
 from gaussad.data import MAX_IMAGE_PIXELS, open_image, read_rgb, to_rgb8, unit_to_uint8
-from gaussad.features import to_tensor
 from gaussad.detectors import load_model
 from gaussad.export import ExportedDetector
+from gaussad.features import to_tensor
 
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT, EXPORTED_ARTIFACT = "model", "exported"

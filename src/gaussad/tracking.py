@@ -2,9 +2,9 @@
 
 A run folder is what flows/train.py writes (run.json, <category>/model, <category>/evaluation).
 Logging reads only that folder, so a result computed while the tracking server was down is logged
-later with `gaussad log <run folder>`. Each category's model is also registered (gaussad.registry). Without MLFLOW_TRACKING_URI the store is local: SQLite in
-mlflow/mlflow.db and artifacts in mlflow/artifacts, under the current folder.
-"""
+later with `gaussad log <run folder>`. Each category's model is also registered (gaussad.registry).
+Without MLFLOW_TRACKING_URI the store is local: SQLite in mlflow/mlflow.db and artifacts in
+mlflow/artifacts, under the current folder."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import mlflow
+from gaussad.detectors import DEFAULT_MODEL_TYPE, detector_class
 from gaussad.errors import TrackingError
 from gaussad.evaluate import TEST_METRICS
-from gaussad.detectors import DEFAULT_MODEL_TYPE, detector_class
 from gaussad.model_folder import folder_megabytes
 from gaussad.registry import register_model
 
@@ -168,7 +168,8 @@ def _experiment_id(name: str, uri: str) -> str:
     if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current folder
         location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
     # without this tag MLflow 3's UI opens the experiment on its GenAI (traces) pages, not the runs
-    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"})
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND: "custom_model_development"})
 
 
 def _check_reachable(uri: str, run_dir: Path) -> None:

@@ -26,8 +26,7 @@ from gaussad.data import ImageSet
 from gaussad.errors import ModelFileError
 from gaussad.features import Backbone, FeatureStore, resolve_runtime
 from gaussad.gaussian.map_operations import map_operator
-from gaussad.gaussian.pixel_inputs import (MAP_STACKED, STACKED, choose_channels, pixel_inputs, pixel_keys,
-                                            positions)
+from gaussad.gaussian.pixel_inputs import MAP_STACKED, STACKED, choose_channels, pixel_inputs, pixel_keys, positions
 from gaussad.gaussian.settings import PRESETS, SETTINGS
 from gaussad.gaussian.statistics import Gaussian, fit_gaussian
 
@@ -266,7 +265,8 @@ class GaussianAD(Detector):
         size, shared = self.config["image_size"], self.config["spatial"] == "shared"
         probe = self.backbone.extract(torch.zeros(1, 3, size, size))
         expected = [("image", level, self.image_gaussians.get(level), feats) for level, feats in probe.items()]
-        expected += [("pixel", key, self.pixel_gaussians.get(key), feats) for key, feats in self._pixel_inputs(probe).items()]
+        expected += [("pixel", key, self.pixel_gaussians.get(key), feats)
+                     for key, feats in self._pixel_inputs(probe).items()]
         for kind, level, gaussian, feats_nchw in expected:
             if gaussian is None:  # a level of the other kind only
                 continue

@@ -57,7 +57,9 @@ def pixel_inputs(config: dict, subsets: dict, feats: dict[int, torch.Tensor], de
     if subset is not None:  # each level's share of the subset taken first: fewer channels averaged and resized
         parts = split_channels(subset, [m.shape[1] for m in maps])
         maps = [m.index_select(1, part.to(m.device)) for m, part in zip(maps, parts)]
-    averages = {STACKED: k} if config["map_local_average"] is None else {STACKED: k, MAP_STACKED: config["map_local_average"]}
+    averages = {STACKED: k}
+    if config["map_local_average"] is not None:
+        averages[MAP_STACKED] = config["map_local_average"]
     return {key: stack_levels([local_average(m, size, weights) for m in maps])
             for key, size in averages.items() if only in (None, key)}
 
