@@ -24,6 +24,7 @@ LAYERS = [
     "gaussad.demo",
     "gaussad.model_folder",  # the on-disk format of a fitted model
     "gaussad.metrics",
+    "gaussad.false_alarms",  # thresholds on a false-alarm budget (Clopper-Pearson)
     "gaussad.plots",
     "gaussad.networks",  # pretrained CNNs, weight sources, the part that computes chosen levels
     "gaussad.onnx_features",  # the onnxruntime runtime: levels exported to ONNX, cached by content

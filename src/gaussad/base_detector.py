@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from gaussad import __version__
 from gaussad.data import ImageSet
 from gaussad.errors import ModelFileError, NotFittedError
+from gaussad.false_alarms import CONFIDENCE, budget_threshold, images_needed
 from gaussad.features import image_batches
 from gaussad.model_folder import read_model_folder, rewrite_config, write_model_folder
 from gaussad.networks import resolve_device
@@ -38,6 +39,8 @@ FORMAT_VERSION = 2  # 2: config.json carries the digest of config + tensors
 PIXEL_NORMAL_QUANTILE = 0.999
 # config.json keys that describe the folder, not the detector's settings or its fit
 FOLDER_KEYS = ("format_version", "gaussad_version", "model_type", "thresholds", "digest")
+# The image thresholds, first the one `predict` decides with (see Detector.decision_threshold)
+THRESHOLD_ORDER = ("image_false_alarm", "image_f1_optimal", "image_normal_quantile")
 
 
 @dataclass
@@ -149,16 +152,47 @@ class Detector:
     # ---- thresholds ------------------------------------------------------------------------------
 
     def set_normal_thresholds(self, normal: Scores) -> None:
-        """Thresholds from defect-free scores alone, usable where no defect is labelled."""
+        """Thresholds from defect-free scores alone, usable where no defect is labelled; with a
+        `false_alarm_rate`, the threshold on that budget (gaussad.false_alarms). The image scores
+        are kept (fit_info `normal_image_scores`): the evidence the thresholds rest on."""
         q = self.config["normal_quantile"]
         self.thresholds["image_normal_quantile"] = float(np.quantile(normal.image, q))
         self.thresholds["pixel_normal_quantile"] = float(np.quantile(normal.maps, PIXEL_NORMAL_QUANTILE))
         self.thresholds["pixel_normal_median"] = float(np.median(normal.maps))
+        self.fit_info["normal_image_scores"] = [float(s) for s in normal.image]
+        budget = self.config.get("false_alarm_rate")
+        if budget is not None:
+            chosen = budget_threshold(normal.image, budget)
+            self.thresholds["image_false_alarm"] = chosen.threshold
+            self.fit_info.update(false_alarm_bound=chosen.bound, false_alarm_confidence=CONFIDENCE,
+                                 held_out_alarms=chosen.held_out_alarms)
+
+    def check_false_alarm_evidence(self, n_images: int, holdout: float) -> None:
+        """Before any compute: ValueError if a fit on `n_images` with this hold-out fraction keeps too
+        few normal images back to certify the false_alarm_rate (the message says how many would)."""
+        budget = self.config.get("false_alarm_rate")
+        if budget is None:
+            return
+        fit_rows, held_rows = split_holdout(n_images, holdout, self.config["seed"])
+        needed = images_needed(budget)
+        if len(held_rows or fit_rows) < needed:
+            raise ValueError(f"false_alarm_rate {budget:g} needs at least {needed} held-out normal images (at "
+                             f"{CONFIDENCE:.0%} confidence); {n_images} training images with holdout {holdout:g} "
+                             f"hold out {len(held_rows)}: add defect-free training images, raise the hold-out "
+                             f"fraction to {min(0.9, needed / max(n_images, 1)):.2g} or more, or raise the budget")
 
     @property
     def decision_threshold(self) -> float:
-        """The image threshold `predict` uses: F1-optimal once evaluated on labelled data, else normal."""
-        return self.thresholds.get("image_f1_optimal", self.thresholds["image_normal_quantile"])
+        """The image threshold `predict` uses: the false-alarm budget's if one was set, else F1-optimal
+        once evaluated on labelled data, else the normal quantile."""
+        for name in THRESHOLD_ORDER:
+            if name in self.thresholds:
+                return self.thresholds[name]
+        raise KeyError("the model has no image threshold")
+
+    @property
+    def decision_threshold_name(self) -> str:
+        return next(name for name in THRESHOLD_ORDER if name in self.thresholds)
 
     def display_range(self) -> tuple[float, float]:
         """A fixed heat-map colour range per model, so pictures compare: from the median normal pixel

@@ -146,7 +146,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     metrics = evaluate(model, category, args.out, args.overlays)
     model.save(args.model)  # now with the thresholds calibrated on labelled test data
     print(_format_table([_summary_row(metrics)]))
-    print(f"outputs in {args.out}; decision threshold {model.decision_threshold:.4g} saved in {args.model}")
+    print(f"{_rates_line(metrics)}\noutputs in {args.out}; decision threshold {model.decision_threshold_name} "
+          f"{model.decision_threshold:.4g} saved in {args.model}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -182,7 +183,8 @@ def _predict(args: argparse.Namespace) -> None:
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "predictions.csv", index=False)
     print(_format_table(table[["path", "score", "label"]]))
-    print(f"threshold {threshold:.4g}; overlays and predictions.csv in {args.out}")
+    name = model.decision_threshold_name if args.threshold is None else args.threshold
+    print(f"threshold {name} {threshold:.4g}{_budget_note(model)}; overlays and predictions.csv in {args.out}")
 
 
 def _expand_image_arguments(arguments: list[Path]) -> list[Path]:
@@ -197,6 +199,26 @@ def _expand_image_arguments(arguments: list[Path]) -> list[Path]:
     if not paths:
         raise ValueError(f"no images found in {', '.join(map(str, arguments))}")
     return paths
+
+
+def _budget_note(model: Detector) -> str:
+    """', at most 1 % false alarms (95 % bound 0.8 %)' for a model fitted on a false-alarm budget."""
+    budget = model.config.get("false_alarm_rate")
+    if budget is None:
+        return ""
+    bound = model.fit_info.get("false_alarm_bound")
+    bound_text = f", {model.fit_info.get('false_alarm_confidence', 0.95):.0%} bound {bound:.3g}" if bound else ""
+    return f" (false-alarm budget {budget:g}{bound_text})"
+
+
+def _rates_line(metrics: dict) -> str:
+    """The test split's false-alarm and miss rates at the decision threshold, for people."""
+    def rate(key):
+        return "n/a" if metrics.get(key) is None else f"{metrics[key]:.3f}"
+
+    budget = "" if metrics.get("false_alarm_budget") is None else f" (budget {metrics['false_alarm_budget']:g})"
+    return (f"at the {metrics['decision_threshold']} threshold: false-alarm rate {rate('false_alarm_rate')}{budget}, "
+            f"miss rate {rate('miss_rate')} on the test split")
 
 
 def _threshold(model: Detector, choice: str | None) -> float:

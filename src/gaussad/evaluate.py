@@ -51,11 +51,27 @@ def evaluate(
     )
     model.thresholds.update(labelled_thresholds)
     metrics["thresholds"] = dict(model.thresholds)
+    metrics.update(decision_rates(np.asarray(test.labels), scores.image, model))
 
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _scores_table(category, scores, model.decision_threshold).to_csv(out_dir / "scores.csv", index=False)
     _plots(model, category, scores, out_dir, n_overlays)
     return metrics
+
+
+def decision_rates(labels: np.ndarray, image_scores: np.ndarray, model: Detector) -> dict:
+    """The decision threshold (its name and value) and, on the test split, the false-alarm rate (of
+    normal images at or above it) and the miss rate (of defective images below it); with a budget,
+    the budget and its bound from the held-out images."""
+    threshold = model.decision_threshold
+    alarms = image_scores >= threshold
+    rates = {"decision_threshold": model.decision_threshold_name, "decision_threshold_value": threshold,
+             "false_alarm_rate": float(alarms[labels == 0].mean()) if (labels == 0).any() else None,
+             "miss_rate": float((~alarms[labels == 1]).mean()) if (labels == 1).any() else None}
+    if model.config.get("false_alarm_rate") is not None:
+        rates.update(false_alarm_budget=model.config["false_alarm_rate"],
+                     false_alarm_bound=model.fit_info.get("false_alarm_bound"))
+    return rates
 
 
 def test_metrics(category: Category, scores: Scores, size: int) -> dict:

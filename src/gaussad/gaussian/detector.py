@@ -102,6 +102,7 @@ class GaussianAD(Detector):
     def fit(self, images: ImageSet | Sequence[str | Path], holdout: float = 0.1) -> "GaussianAD":
         """Fit on defect-free images; a seeded `holdout` fraction is kept back to set thresholds."""
         paths = image_paths(images)
+        self.check_false_alarm_evidence(len(paths), holdout)
         with tempfile.TemporaryDirectory(prefix="gaussad-features-") as tmp:
             store = FeatureStore.write(self.backbone, paths, tmp, self.batch_size, self.progress, "train features")
             self.fit_store(store, holdout)
@@ -110,6 +111,7 @@ class GaussianAD(Detector):
     def fit_store(self, store: FeatureStore, holdout: float = 0.1) -> "GaussianAD":
         """Fit from extracted training features: Gaussians on most rows, thresholds on the held-out rest."""
         started = time.perf_counter()
+        self.check_false_alarm_evidence(len(store), holdout)
         fit_rows, holdout_rows = split_holdout(len(store), holdout, self.config["seed"])
         self.fit_features(store, fit_rows)
         # the normal images scored once: their parts set the combined score's scale, then the thresholds

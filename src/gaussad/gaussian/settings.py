@@ -40,6 +40,10 @@ SETTINGS = SettingsTable([
             "levels stacked at the finest one's size, one per position", choices=SPATIAL_MODES, label="spatial mode"),
     Setting("normal_quantile", "float", 0.99, "the image threshold: this quantile of held-out normal scores",
             minimum=0, maximum=1, open_low=True),
+    Setting("false_alarm_rate", "float", None,
+            "the image threshold at this false-alarm rate: the lowest whose 95 % upper bound from the held-out "
+            "normal images is within it (none: the normal_quantile threshold decides)", minimum=0, maximum=1,
+            open_low=True, open_high=True, optional=True, before=None),
     Setting("seed", "int", 0, "seed of the hold-out split and the channel subsets"),
     Setting("image_score", "choice", "pooled",
             "pooled features (the paper), the anomaly map's maximum, or both standardised by normal images",
