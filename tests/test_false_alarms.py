@@ -54,7 +54,8 @@ def test_tied_scores_never_let_more_alarms_through():
 
 
 def test_too_few_held_out_images_say_how_many_would_do():
-    with pytest.raises(ValueError, match="a false-alarm rate of 0.01 needs at least 299 held-out normal images.*holds out 20"):
+    message = "a false-alarm rate of 0.01 needs at least 299 held-out normal images.*holds out 20"
+    with pytest.raises(ValueError, match=message):
         budget_threshold(np.arange(20.0), 0.01)
 
 
