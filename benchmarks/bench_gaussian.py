@@ -34,68 +34,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from memory import MB, PeakSampler, anon_rss_bytes, max_rss_bytes
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_COUNTS = (50, 100, 200, 400, 800, 1600)
 STAGES = ("extract", "fit", "score")
-MB = 2**20
-
-
-# ---- memory probes -------------------------------------------------------------------------------
-
-
-def max_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def anon_rss_bytes() -> int | None:
-    """Current private anonymous resident memory (RssAnon), or None where /proc is missing."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-class AnonPeakSampler:
-    """Samples RssAnon in a background thread; `peak` is the largest value seen between start and stop."""
-
-    def __init__(self, interval_s: float = 0.005):
-        self.interval_s = interval_s
-        self.peak = anon_rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        value = anon_rss_bytes()
-        if value is not None and (self.peak is None or value > self.peak):
-            self.peak = value
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def __enter__(self) -> "AnonPeakSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 # ---- worker: one stage in a fresh process --------------------------------------------------------
@@ -105,7 +56,7 @@ def run_worker(args: argparse.Namespace) -> None:
     import torch
 
     from gaussad.features import FeatureStore
-    from gaussad.gaussian_detector import GaussianAD
+    from gaussad.gaussian import GaussianAD
 
     job = json.loads(Path(args.worker).read_text())
     stage, config = job["stage"], job["config"]
@@ -129,7 +80,7 @@ def run_worker(args: argparse.Namespace) -> None:
     base_cpu, load = cpu_seconds(), os.getloadavg()[0]
 
     result: dict = {}
-    with AnonPeakSampler() as sampler:
+    with PeakSampler(anon_rss_bytes, interval_s=0.005) as sampler:  # the kernel keeps no peak of RssAnon
         start = time.perf_counter()
         if stage == "extract":
             paths = job["paths"]
@@ -272,9 +223,11 @@ def markdown_table(rows: list[dict]) -> str:
               "fit anon MB (+ increase)", "score ms/img", "score peak MB"]
     if cuda:
         header += ["extract CUDA MB", "fit CUDA MB", "score CUDA MB"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     for r in rows:
-        anon = "n/a" if r.get("fit_peak_anon_mb") is None else f"{r['fit_peak_anon_mb']:.0f} (+{r['fit_anon_increase_mb']:.0f})"
+        anon = ("n/a" if r.get("fit_peak_anon_mb") is None
+                else f"{r['fit_peak_anon_mb']:.0f} (+{r['fit_anon_increase_mb']:.0f})")
         cells = [
             r["device"], str(r["n_train"]), f"{r['extract_seconds']:.1f}", f"{r['extract_img_per_s']:.1f}",
             f"{r['extract_peak_rss_mb']:.0f}", f"{r['fit_seconds']:.1f}",

@@ -102,7 +102,8 @@ def main(argv: list[str]) -> int:
     lines = [f"# The flow on MVTec-AD-sized generated data ({n_images} images at {args.image_size} px)", "",
              f"{report['device']}; flow {report['flow_wall_seconds']} s wall ({run['seconds']} s inside the flow); "
              f"data generated in {report['generation_seconds']} s (0: reused).", "",
-             "| category | train | test | " + " | ".join(s.replace("_seconds", " s") for s in stages) + " | image AUROC |",
+             "| category | train | test | " + " | ".join(s.replace("_seconds", " s") for s in stages)
+             + " | image AUROC |",
              "| --- | ---: | ---: |" + " ---: |" * (len(stages) + 1)]
     for name, row in report["categories"].items():
         cells = [str(row.get(stage, "")) for stage in stages]

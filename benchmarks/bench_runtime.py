@@ -115,7 +115,8 @@ def main(argv: list[str]) -> int:
     paths = list(load_category(args.data, args.category).test.paths)[: args.images]
     report = {"category": args.category, "model": str(args.model), "n_images": len(paths),
               "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}",
+              "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+                         f"torch {torch.__version__}",
               "load_average": [round(x, 2) for x in os.getloadavg()],
               "command": shlex.join([".venv/bin/python", "benchmarks/bench_runtime.py", *argv]), "results": []}
     for runtime in args.runtimes:

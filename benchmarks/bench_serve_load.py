@@ -24,22 +24,23 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import psutil
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
-from gaussad.gaussian_detector import GaussianAD
+from gaussad.gaussian import GaussianAD
 from gaussad.registry import register_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # memory.py, also when a test loads this file by path
+from memory import MB, PeakSampler, tree_rss_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "benchmarks" / "results" / "serve_load.json"
@@ -93,21 +94,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tree_rss_mb(pid: int) -> float:
-    """RSS of a process and all its descendants (the CLI, its uvicorn server and workers), in MiB."""
-    total = 0
-    try:
-        parent = psutil.Process(pid)
-        for process in [parent, *parent.children(recursive=True)]:
-            try:
-                total += process.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-    except psutil.NoSuchProcess:
-        pass
-    return total / 2**20
-
-
 def requests_for(paths: list[Path], count: int) -> list[tuple[str, bytes, str]]:
     """(kind, body, content type), PNG bytes and paths alternating over the test images."""
     bodies = []
@@ -149,28 +135,18 @@ def main(requests: int = 500, clients: int = 8, output: Path = OUTPUT) -> dict:
             started = time.perf_counter()
             wait_until_up(url, server, tmp / "serve.log")
             startup = time.perf_counter() - started
-            first = tree_rss_mb(server.pid)
+            first = tree_rss_bytes(server.pid) / MB
             for kind, body, content_type in requests_for(paths, WARMUP):
                 seconds, status, error = send(url, body, content_type)
                 if status != 200:
                     raise RuntimeError(f"warm-up {kind} request failed ({status}): {error}")
-            after_warmup = tree_rss_mb(server.pid)
-            samples, stop = [after_warmup], threading.Event()
-
-            def sample() -> None:
-                while not stop.wait(0.5):
-                    samples.append(tree_rss_mb(server.pid))
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
             work = requests_for(paths, requests)
-            start = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                results = list(pool.map(lambda item: (item[0], *send(url, item[1], item[2])), work))
-            wall = time.perf_counter() - start
-            stop.set()
-            sampler.join()
-            samples.append(tree_rss_mb(server.pid))
+            # the server's whole tree: the CLI, its uvicorn server and workers
+            with PeakSampler(lambda: tree_rss_bytes(server.pid), interval_s=0.5) as rss:
+                start = time.perf_counter()
+                with ThreadPoolExecutor(clients) as pool:
+                    results = list(pool.map(lambda item: (item[0], *send(url, item[1], item[2])), work))
+                wall = time.perf_counter() - start
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
@@ -190,8 +166,8 @@ def main(requests: int = 500, clients: int = 8, output: Path = OUTPUT) -> dict:
         "throughput_rps": round(requests / wall, 1),
         "wall_seconds": round(wall, 1),
         "startup_seconds": round(startup, 1),
-        "rss_mb": {"first": round(first, 1), "after_warmup": round(after_warmup, 1),
-                   "last": round(samples[-1], 1), "max": round(max(samples), 1), "samples": len(samples)},
+        "rss_mb": {"first": round(first, 1), "after_warmup": round(rss.first / MB, 1),
+                   "last": round(rss.last / MB, 1), "max": round(rss.peak / MB, 1), "samples": rss.count},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
         "model": "GaussianAD tf_efficientnet_lite0 (package weights), levels 3-4, 64 px",
     }

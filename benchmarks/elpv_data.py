@@ -98,7 +98,8 @@ def write_drawn_cracks(out: Path, cell_type: str, splits: dict[str, list[int]], 
     half = len(good) // 2
     cracks_splits = {"train/good": splits["train/good"], "test/good": sorted(good[:half])}
     write_category(out, f"{cell_type}-cracks", cracks_splits, names, images)
-    cracked, masks = out / f"{cell_type}-cracks" / "test" / "crack", out / f"{cell_type}-cracks" / "ground_truth" / "crack"
+    root = out / f"{cell_type}-cracks"
+    cracked, masks = root / "test" / "crack", root / "ground_truth" / "crack"
     cracked.mkdir(parents=True, exist_ok=True)
     masks.mkdir(parents=True, exist_ok=True)
     for i in sorted(good[half:]):

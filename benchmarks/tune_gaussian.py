@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from gaussad.base_detector import Scores
 from gaussad.data import load_category
-from gaussad.detector import Scores
 from gaussad.evaluate import test_metrics
 from gaussad.features import FeatureStore
+from gaussad.gaussian import GaussianAD
 from gaussad.networks import LITE0_PACKAGE
-from gaussad.gaussian_detector import GaussianAD
 
 BASE = dict(backbone="tf_efficientnet_lite0", weights=LITE0_PACKAGE, levels=(3, 4, 5, 6, 7))
 LITE0 = GaussianAD.PRESETS["lite0"]
@@ -104,14 +104,16 @@ CONFIGS = {
 # An experiment only: the Gaussians fitted without the local average, the test features averaged
 SCORED_AVERAGE = "scored with local_average"
 CONFIGS["lite0 fitted unaveraged, scored averaged"] = LITE0 | {"local_average": 1, SCORED_AVERAGE: 3}
-CONFIGS["lite0 fitted unaveraged, scored averaged σ4"] = LITE0 | {"local_average": 1, SCORED_AVERAGE: 3, "smoothing": 4.0}
+CONFIGS["lite0 fitted unaveraged, scored averaged σ4"] = LITE0 | {"local_average": 1, SCORED_AVERAGE: 3,
+                                                                  "smoothing": 4.0}
 
 # Image scores of one configuration with the maps of another (or the mean of both maps): what two
 # Gaussians in one model would give
 HYBRIDS = {"unaveraged Gaussians: image score from averaged features, no-average map": (
                "lite0 fitted unaveraged, scored averaged", "lite0 no average"),
            "unaveraged Gaussians: image score from averaged features, mean map": (
-               "lite0 fitted unaveraged, scored averaged", ("lite0 fitted unaveraged, scored averaged", "lite0 no average")),
+               "lite0 fitted unaveraged, scored averaged",
+               ("lite0 fitted unaveraged, scored averaged", "lite0 no average")),
            "lite0 image score, mean of its map and the no-average map": ("lite0", ("lite0", "lite0 no average")),
            "lite0 image score, no-average map": ("lite0", "lite0 no average"),
            "lite0 image score, PaDiM's map": ("lite0", "PaDiM's model"),
