@@ -5,6 +5,8 @@ evaluation, metrics.json, plots/roc_<category>.csv, run.json (provenance) and a 
     <out>/metrics.json                                    per category and mean (DVC metrics)
     <out>/plots/roc_<category>.csv                        (DVC plots)
     <out>/run.json                                        git commit, data hash, params, timings, task states
+
+`collect` waits for each category's chain of tasks and publishes what it computed, or its failure.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import flows.runtime  # noqa: F401  (before prefect: it sets Prefect's environme
 
 # isort: split
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import PrefectFuture
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1", "balanced_accuracy")
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro")
@@ -123,3 +126,30 @@ def report(logger, summary: dict) -> None:
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def collect(futures: dict[str, dict[str, PrefectFuture]], out_dir: Path, failures: dict[str, str],
+            logger) -> tuple[dict, dict]:
+    """Wait for each category's chain: publish its evaluation to `out_dir` (its metrics -> results)
+    or record its first failure; the state of each step (work)."""
+    results, work = {}, {}
+    for name, steps in futures.items():
+        steps["evaluate"].wait()
+        states = {step: future.state for step, future in steps.items()}
+        work[name] = {step: "cached" if state.name == "Cached" else state.name.lower()
+                      for step, state in states.items()}
+        if states["evaluate"].is_completed():
+            results[name] = publish(Path(steps["evaluate"].result()), out_dir / name)
+        else:
+            failed = next(s for s in steps.values() if s.state.is_failed() or s.state.is_crashed())
+            failures[name] = _failure_message(failed)
+            logger.error("category %s failed: %s", name, failures[name])
+    return results, work
+
+
+def _failure_message(future: PrefectFuture) -> str:
+    try:
+        future.result()
+    except Exception as err:  # the task's own exception, re-raised by result()
+        return f"{type(err).__name__}: {err}"
+    return future.state.message or future.state.name

@@ -52,7 +52,7 @@ from flows.cache import (
     test_split_digest,
     training_folder,
 )
-from flows.reporting import publish, report, write_summary
+from flows.reporting import collect, report, write_summary
 from gaussad.base_detector import Detector
 from gaussad.data import Category, ImageSet, list_categories, load_category
 from gaussad.detectors import ModelSpec, detector_class, load_model, model_spec
@@ -89,7 +89,7 @@ def fit_model(name: str, train_store: str, model_type: str, settings: dict, hold
     """A detector fitted from the training features (the Gaussian one: per-level Gaussians and normal
     thresholds) -> a model folder."""
     with device_lock():
-        model = detector_class(model_type)(**settings, batch_size=batch_size, progress=False)
+        model = detector_class(model_type).from_settings(settings, False, batch_size=batch_size, progress=False)
         model.fit_store(FeatureStore(train_store), holdout)
     return save_model(model, model_folder(cache_dir, train_store, settings, holdout))
 
@@ -102,7 +102,7 @@ def train_model(name: str, paths: list[str], digest: str, model_type: str, setti
     """A detector (PIADE) trained on the training images -> a model folder. Checkpoints are kept in
     the cache, so an interrupted run resumes from its last epoch when the flow runs again."""
     with device_lock():
-        model = detector_class(model_type)(**settings, batch_size=batch_size, progress=False)
+        model = detector_class(model_type).from_settings(settings, False, batch_size=batch_size, progress=False)
         model.fit(paths, holdout, checkpoint_dir=checkpoint_folder(cache_dir, digest, model_type, settings, holdout))
     return save_model(model, training_folder(cache_dir, digest, model_type, settings, holdout))
 
@@ -245,33 +245,6 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
         raise RuntimeError(f"{len(failures)} of {len(names)} categories failed: "
                            + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return summary
-
-
-def collect(futures: dict[str, dict[str, PrefectFuture]], out_dir: Path, failures: dict[str, str],
-            logger) -> tuple[dict, dict]:
-    """Wait for each category's chain: publish its evaluation to `out_dir` (its metrics -> results)
-    or record its first failure; the state of each step (work)."""
-    results, work = {}, {}
-    for name, steps in futures.items():
-        steps["evaluate"].wait()
-        states = {step: future.state for step, future in steps.items()}
-        work[name] = {step: "cached" if state.name == "Cached" else state.name.lower()
-                      for step, state in states.items()}
-        if states["evaluate"].is_completed():
-            results[name] = publish(Path(steps["evaluate"].result()), out_dir / name)
-        else:
-            failed = next(s for s in steps.values() if s.state.is_failed() or s.state.is_crashed())
-            failures[name] = _failure_message(failed)
-            logger.error("category %s failed: %s", name, failures[name])
-    return results, work
-
-
-def _failure_message(future: PrefectFuture) -> str:
-    try:
-        future.result()
-    except Exception as err:  # the task's own exception, re-raised by result()
-        return f"{type(err).__name__}: {err}"
-    return future.state.message or future.state.name
 
 
 def main(argv: list[str] | None = None) -> int:

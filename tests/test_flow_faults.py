@@ -97,7 +97,7 @@ def category_folders(project, name: str) -> dict[str, Path]:
     """Where the flow caches one category's features, model and evaluation."""
     category = load_category(project["data"], name)
     spec = model_spec(project["params"])
-    backbone = pipeline.backbone_settings(spec.settings)
+    backbone = spec.detector.feature_settings(spec.settings)
     cache = str(project["cache"].resolve())
     train = task_cache.features_folder(cache, task_cache.file_digest(category.train.paths), backbone)
     model = task_cache.model_folder(cache, str(train), spec.settings, spec.holdout)

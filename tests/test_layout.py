@@ -35,6 +35,7 @@ LAYERS = [
     "gaussad.gaussian.statistics",  # streaming moments, NPCA, Ledoit-Wolf, Mahalanobis
     "gaussad.gaussian.settings",
     "gaussad.gaussian.pixel_inputs",
+    "gaussad.gaussian.updates",  # adding images to a fitted model exactly
     "gaussad.gaussian.detector",
     "gaussad.gaussian",
     "gaussad.piade.settings",
@@ -59,6 +60,7 @@ LAYERS = [
     "flows.promote",
     "flows.retrain",
     "gaussad.cli_arguments",  # the flags that describe a model and how it runs
+    "gaussad.cli_models",  # update, predict, export
     "gaussad.cli_workflow",  # serve, log, promote
     "gaussad.cli",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar, Collection, Sequence
 
 import numpy as np
 import torch
@@ -32,13 +32,18 @@ from gaussad.false_alarms import CONFIDENCE, budget_threshold, images_needed
 from gaussad.features import image_batches
 from gaussad.model_folder import read_model_folder, rewrite_config, write_model_folder
 from gaussad.networks import resolve_device
-from gaussad.settings import SettingsTable
+from gaussad.settings import Setting, SettingsTable
 from gaussad.validation import check_choice, check_number
 
 FORMAT_VERSION = 2  # 2: config.json carries the digest of config + tensors
 PIXEL_NORMAL_QUANTILE = 0.999
 # config.json keys that describe the folder, not the detector's settings or its fit
 FOLDER_KEYS = ("format_version", "gaussad_version", "model_type", "thresholds", "digest")
+# Every detector's: the image threshold on a false-alarm budget (gaussad.false_alarms)
+FALSE_ALARM_RATE = Setting(
+    "false_alarm_rate", "float", None, "the image threshold at this false-alarm rate: the lowest whose 95 % upper "
+    "bound from the held-out normal images is within it (none: the normal_quantile threshold decides)",
+    minimum=0, maximum=1, open_low=True, open_high=True, optional=True, before=None)
 # The image thresholds, first the one `predict` decides with (see Detector.decision_threshold)
 THRESHOLD_ORDER = ("image_false_alarm", "image_f1_optimal", "image_normal_quantile")
 
@@ -83,7 +88,7 @@ class Detector:
     def config_keys(cls) -> tuple[str, ...]:
         return cls.SETTINGS.names
 
-    def _configure(self, settings: dict, check_effect: bool = True) -> None:
+    def _configure(self, settings: dict, check_effect: bool | Collection[str] = True) -> None:
         """self.config from `settings` over the defaults, checked (a bad value or a setting without
         effect: ValueError); a saved folder's config is loaded with check_effect False."""
         self.config = self.SETTINGS.validate(settings, check_effect=check_effect)
@@ -96,9 +101,20 @@ class Detector:
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "Detector":
-        """A detector with PRESETS[preset] settings, any of them (or any other argument) overridden."""
+        """A detector with PRESETS[preset] settings, any of them (or any other argument) overridden;
+        an override without effect is refused, the preset's own values never are."""
         check_choice(f"{cls.NAME} preset", preset, cls.PRESETS)
-        return cls(**{**cls.PRESETS[preset], **overrides})
+        settings = {key: value for key, value in overrides.items() if key in cls.SETTINGS.names}
+        runtime = {key: value for key, value in overrides.items() if key not in settings}
+        return cls.from_settings({**cls.PRESETS[preset], **settings}, set(settings), **runtime)
+
+    @classmethod
+    def from_settings(cls, settings: dict, check_effect: bool | Collection[str] = True, **runtime) -> "Detector":
+        """A detector with `settings`, their effect checked as SettingsTable.validate says; `runtime`:
+        the constructor's other arguments (device, batch_size, progress, ...)."""
+        model = cls(**runtime)
+        model._configure(settings, check_effect)
+        return model
 
     def _set_runtime(self, device, batch_size: int, progress: bool, runtime: str | None = None) -> None:
         """How the detector runs (not what it is, so not saved): device, feature runtime, scoring batch,

@@ -1,4 +1,4 @@
-"""The `gaussad` command: demo-data, fit, evaluate, predict, demo.
+"""The `gaussad` command: demo-data, fit, evaluate, update, predict, export, demo (and serve, log, promote).
 
 A user error (bad path, unreadable image, missing mask, unknown category, unloadable weights, bad
 model folder, an output path holding files gaussad did not write) ends in one line
@@ -15,10 +15,8 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-from gaussad.base_detector import Detector
 from gaussad.cli_arguments import (
     add_dataset_arguments,
     add_model_arguments,
@@ -26,11 +24,11 @@ from gaussad.cli_arguments import (
     model_from_arguments,
     runtime_options,
 )
+from gaussad.cli_models import add_model_commands, format_table, pandas_module
 from gaussad.cli_workflow import add_workflow_commands
-from gaussad.data import IMAGE_SUFFIXES, ImageSet, list_categories, load_category, read_rgb, validate_images
+from gaussad.data import list_categories, load_category
 from gaussad.detectors import load_model
 from gaussad.errors import GaussadError
-from gaussad.export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportedDetector, export_onnx
 from gaussad.model_folder import folder_megabytes
 from gaussad.output_folders import check_model_destination, check_output_folder, claim_output_folder
 
@@ -78,22 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     add_runtime_arguments(ev)
     ev.set_defaults(run=_evaluate)
 
-    predict = commands.add_parser("predict", help="score images (files or folders) with a fitted model")
-    predict.add_argument("model", type=Path, help="model folder, or an ONNX file written by `gaussad export`")
-    predict.add_argument("images", type=Path, nargs="+")
-    predict.add_argument("-o", "--out", type=Path, default=Path("predictions"), help="folder for overlays + CSV")
-    predict.add_argument("--threshold", help="a number, or a threshold name in the model's config "
-                                             "(default: image_f1_optimal if evaluated, else image_normal_quantile)")
-    add_runtime_arguments(predict)
-    predict.set_defaults(run=_predict)
-
-    export = commands.add_parser("export", help="write a fitted Gaussian model as one ONNX graph (image -> score, map) "
-                                                "that `predict` runs; checked to score as the model does")
-    export.add_argument("model", type=Path, help="model folder written by `gaussad fit`")
-    export.add_argument("--format", choices=["onnx"], default="onnx")
-    export.add_argument("-o", "--output", type=Path, help="the file to write (default: MODEL.onnx beside the folder)")
-    export.set_defaults(run=_export)
-
+    add_model_commands(commands)
     add_workflow_commands(commands)
 
     demo = commands.add_parser("demo", help="demo data -> fit and evaluate every category -> results table")
@@ -145,70 +128,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     metrics = evaluate(model, category, args.out, args.overlays)
     model.save(args.model)  # now with the thresholds calibrated on labelled test data
-    print(_format_table([_summary_row(metrics)]))
+    print(format_table([_summary_row(metrics)]))
     print(f"{_rates_line(metrics)}\noutputs in {args.out}; decision threshold {model.decision_threshold_name} "
           f"{model.decision_threshold:.4g} saved in {args.model}")
-
-
-def _export(args: argparse.Namespace) -> None:
-    output = args.output or args.model.with_name(f"{args.model.name}.onnx")
-    model = load_model(args.model, device="cpu", runtime="torch", progress=False)
-    export_onnx(model, output)
-    print(f"exported {args.model} -> {output} (scores as the model within {SCORE_TOLERANCE:g}, maps within "
-          f"{MAP_TOLERANCE:g}); run it with `gaussad predict {output} IMAGES`")
-
-
-def _predict(args: argparse.Namespace) -> None:
-    from gaussad.plots import save_overlay
-
-    check_output_folder(args.out, "predictions")
-    if args.model.suffix == ".onnx":
-        model = ExportedDetector.load(args.model, **runtime_options(args))
-    else:
-        model = load_model(args.model, **runtime_options(args))
-    images = ImageSet.from_paths(_expand_image_arguments(args.images))
-    validate_images(images)
-    threshold = _threshold(model, args.threshold)
-    claim_output_folder(args.out, "predictions")
-    scores = model.score(images)
-    vmin, vmax = model.display_range()
-    rows = []
-    for path, score, anomaly_map in zip(images.paths, scores.image, scores.maps):
-        label = "anomalous" if score >= threshold else "normal"
-        overlay = args.out / f"{path.stem}_overlay.png"
-        save_overlay(np.asarray(read_rgb(path)), anomaly_map, overlay, f"{path.name}: {label} ({score:.2f})",
-                     vmin, vmax, threshold=model.thresholds["pixel_normal_quantile"])
-        rows.append({"path": str(path), "score": float(score), "label": label, "overlay": str(overlay)})
-    pd = _pandas()
-    table = pd.DataFrame(rows)
-    table.to_csv(args.out / "predictions.csv", index=False)
-    print(_format_table(table[["path", "score", "label"]]))
-    name = model.decision_threshold_name if args.threshold is None else args.threshold
-    print(f"threshold {name} {threshold:.4g}{_budget_note(model)}; overlays and predictions.csv in {args.out}")
-
-
-def _expand_image_arguments(arguments: list[Path]) -> list[Path]:
-    paths: list[Path] = []
-    for argument in arguments:
-        if argument.is_dir():
-            paths.extend(sorted(p for p in argument.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
-        elif argument.is_file():
-            paths.append(argument)
-        else:
-            raise FileNotFoundError(f"no such image or folder: {argument}")
-    if not paths:
-        raise ValueError(f"no images found in {', '.join(map(str, arguments))}")
-    return paths
-
-
-def _budget_note(model: Detector) -> str:
-    """', at most 1 % false alarms (95 % bound 0.8 %)' for a model fitted on a false-alarm budget."""
-    budget = model.config.get("false_alarm_rate")
-    if budget is None:
-        return ""
-    bound = model.fit_info.get("false_alarm_bound")
-    bound_text = f", {model.fit_info.get('false_alarm_confidence', 0.95):.0%} bound {bound:.3g}" if bound else ""
-    return f" (false-alarm budget {budget:g}{bound_text})"
 
 
 def _rates_line(metrics: dict) -> str:
@@ -221,22 +143,11 @@ def _rates_line(metrics: dict) -> str:
             f"miss rate {rate('miss_rate')} on the test split")
 
 
-def _threshold(model: Detector, choice: str | None) -> float:
-    if choice is None:
-        return model.decision_threshold
-    if choice in model.thresholds:
-        return model.thresholds[choice]
-    try:
-        return float(choice)
-    except ValueError:
-        raise ValueError(f"--threshold {choice!r} is neither a number nor one of {sorted(model.thresholds)}") from None
-
-
 def _demo(args: argparse.Namespace) -> None:
     from gaussad.demo import write_demo_dataset
     from gaussad.evaluate import evaluate
 
-    pd = _pandas()
+    pd = pandas_module()
     model_from_arguments(args)  # every setting checked before anything is written or computed
     claim_output_folder(args.out, "demo")  # before the demo data is written, so a bad --out costs nothing
     if not args.data.is_dir() or not any(args.data.iterdir()):
@@ -258,7 +169,7 @@ def _demo(args: argparse.Namespace) -> None:
     means = table.drop(columns="category").apply(pd.to_numeric, errors="coerce").mean().round(1)
     table = pd.concat([table, pd.DataFrame([{"category": "mean", **means.to_dict()}])], ignore_index=True)
     print(f"\n{model.describe()}")
-    print(_format_table(table))
+    print(format_table(table))
     print(f"\nmodels, metrics.json, scores.csv, ROC curves and heat-map overlays under {args.out}/<category>/")
 
 
@@ -274,18 +185,6 @@ def _summary_row(metrics: dict) -> dict:
         "F1": pct(metrics.get("f1")),
         "img/s": metrics["images_per_second"],
     }
-
-
-def _format_table(table) -> str:
-    """A DataFrame, or a list of rows, as a plain text table."""
-    return (table if hasattr(table, "to_string") else _pandas().DataFrame(table)).to_string(index=False)
-
-
-def _pandas():
-    """pandas, imported by the commands that print tables (see the module docstring)."""
-    import pandas
-
-    return pandas
 
 
 if __name__ == "__main__":

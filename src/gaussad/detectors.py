@@ -49,8 +49,9 @@ class ModelSpec:
     batch_size: int = 16
 
     def build(self, **runtime) -> Detector:
-        """The unfitted detector; `runtime`: device, runtime, progress."""
-        return self.detector(**self.settings, batch_size=self.batch_size, **runtime)
+        """The unfitted detector (model_spec has checked the settings); `runtime`: device, runtime,
+        progress."""
+        return self.detector.from_settings(self.settings, False, batch_size=self.batch_size, **runtime)
 
 
 def model_spec(params: dict, source: str | None = "params.yaml", preset: str | None = None) -> ModelSpec:
@@ -71,5 +72,5 @@ def model_spec(params: dict, source: str | None = "params.yaml", preset: str | N
     if "batch_size" in training:
         training["batch_size"] = check_number(f"{where}batch_size", training["batch_size"], int, 1)
     spec = ModelSpec(detector, {**settings, **block}, **training)
-    detector.SETTINGS.validate(spec.settings, where)
+    detector.SETTINGS.validate(spec.settings, where, check_effect=set(block))  # the preset's values pass
     return spec

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from gaussad.validation import check_choice, check_number
 
 MISSING = object()  # `before` of a setting that folders of the current format always hold
-KINDS = ("int", "float", "choice", "text", "levels", "ints")
+KINDS = ("int", "float", "choice", "text", "levels", "ints", "bool")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class Setting:
     """One row of a settings table.
 
     kind: int | float | choice (one of `choices`) | text | levels (whole numbers >= 0, kept sorted)
-    | ints (whole numbers >= `minimum`, in order). `optional`: None is a value too (it means what
+    | ints (whole numbers >= `minimum`, in order) | bool (true or false; on the command line a flag
+    that sets it true). `optional`: None is a value too (it means what
     `help` says). `minimum`/`maximum` (open with `open_low`/`open_high`) bound numbers; `odd`
     asks for an odd whole number. `before`: what a folder saved before the setting existed meant.
     `applies(settings)` False means the setting has no effect under the others: a value other than
@@ -64,6 +65,10 @@ class Setting:
             return None
         if self.kind == "choice":
             return check_choice(label, value, self.choices)
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{label} must be true or false, got {value!r}")
+            return value
         if self.kind == "text":
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{label} must be a non-empty string, got {value!r}")
@@ -84,13 +89,16 @@ class Setting:
 
     def argparse_options(self, show_default: bool = True) -> dict:
         """add_argument's options for the setting's flag (--name-with-dashes)."""
-        options: dict = {"help": f"{self.help} (default {self._shown_default()})" if show_default else self.help}
+        text = f"{self.help} (default {self._shown_default()})" if show_default else self.help
+        options: dict = {"help": text.replace("%", "%%")}  # argparse formats help with %
         if self.kind == "choice":
             options["choices"] = self.choices
         elif self.kind in ("int", "float"):
             options["type"] = int if self.kind == "int" else float
         elif self.kind in ("levels", "ints"):
             options.update(type=int, nargs="+")
+        elif self.kind == "bool":
+            options.update(action="store_const", const=True)
         return options
 
     @property
@@ -126,12 +134,13 @@ class SettingsTable:
         """{name: what a folder saved before the setting existed meant}, for the newer settings."""
         return {name: row.before for name, row in self.rows.items() if row.before is not MISSING}
 
-    def validate(self, values: dict, source: str = "", check_effect: bool = True) -> dict:
+    def validate(self, values: dict, source: str = "", check_effect: bool | Collection[str] = True) -> dict:
         """Every setting, the defaults under `values`, checked and converted. An unknown key, a bad
-        value, or (with `check_effect`) a value other than the default for a setting that has no
-        effect under the others is one ValueError; `source` (e.g. "params.yaml: model.") comes
-        before the setting's name. A saved folder is loaded with check_effect False: it holds every
-        setting, and what had no effect then has none now."""
+        value, or a value other than the default for a setting that has no effect under the others
+        is one ValueError; `source` (e.g. "params.yaml: model.") comes before the setting's name.
+        `check_effect`: True checks the effect of every setting, a collection of names only of those
+        (what a user gave over a preset: a preset's own values are not the user's doing), False none
+        (a saved folder: what had no effect then has none now)."""
         unknown = sorted(set(values) - set(self.rows))
         if unknown:
             raise ValueError(f"{source}{unknown[0]} is not a setting of {self.owner} (it takes {', '.join(self.rows)})")
@@ -142,8 +151,10 @@ class SettingsTable:
             except ValueError as err:
                 raise ValueError(f"{source}{name}: {err}" if source else str(err)) from None
         if check_effect:
+            checked = self.rows if check_effect is True else check_effect
             for name, row in self.rows.items():
-                if row.applies is not None and settings[name] != row.check(row.default) and not row.applies(settings):
+                changed = settings[name] != row.check(row.default)
+                if name in checked and row.applies is not None and changed and not row.applies(settings):
                     got = ", ".join(f"{d} {settings[d]!r}" for d in row.depends)
                     raise ValueError(f"{source}{name} needs {row.needs}, got {got}: leave {name} out or change "
                                      f"{' / '.join(row.depends)}")

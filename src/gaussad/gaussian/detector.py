@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from gaussad.features import Backbone, FeatureStore, resolve_runtime
 from gaussad.gaussian.map_operations import map_operator
 from gaussad.gaussian.pixel_inputs import MAP_STACKED, STACKED, choose_channels, pixel_inputs, pixel_keys, positions
 from gaussad.gaussian.settings import PRESETS, SETTINGS
-from gaussad.gaussian.statistics import Gaussian, fit_gaussian
+from gaussad.gaussian.statistics import Gaussian, MomentAccumulator, fit_gaussian
+from gaussad.gaussian.updates import check_updatable, held_out_images, load_moments, moment_tensors, update_store
 
 GAUSSIAN_FIELDS = ("mean", "projection", "precision", "shrinkage")
 
@@ -56,10 +57,11 @@ class GaussianAD(Detector):
         self.image_gaussians: dict[int, Gaussian] = {}  # on `levels`, unless the image score is map-max
         self.pixel_gaussians: dict[int | str, Gaussian] = {}  # see pixel_inputs.pixel_keys
         self.channel_subsets: dict[int | str, torch.Tensor] = {}  # per pixel Gaussian: the kept channels
+        self.moments: dict[str, MomentAccumulator] = {}  # per Gaussian ("pixel.stacked"), if updatable
         # mean and standard deviation of the held-out (pooled, map-max) scores, for `combined`
         self.score_scale = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
 
-    def _configure(self, settings: dict, check_effect: bool = True) -> None:
+    def _configure(self, settings: dict, check_effect: bool | Collection[str] = True) -> None:
         config = self.SETTINGS.validate(settings, check_effect=check_effect)
         if config["pixel_levels"] is None:
             config["pixel_levels"] = config["levels"]
@@ -76,9 +78,8 @@ class GaussianAD(Detector):
                 "image_size": c["image_size"], "seed": c["seed"]}
 
     @staticmethod
-    def feature_extractor(features: dict, device: str | torch.device | None = None,
-                          runtime: str | None = None) -> Backbone:
-        """The network that extracts the features `feature_settings` describes."""
+    def feature_extractor(features: dict, device: str | torch.device | None = None, runtime: str | None = None):
+        """The network (a Backbone) that extracts the features `feature_settings` describes."""
         return Backbone(features["backbone"], features["weights"], features["levels"], features["image_size"],
                         device=device, seed=features["seed"], runtime=runtime)
 
@@ -120,30 +121,46 @@ class GaussianAD(Detector):
             self.score_scale = self._score_scale(parts)
         self.set_normal_thresholds(Scores.concatenate([self._scores(*part) for part in parts]))
         self.record_fit(time.perf_counter() - started, len(fit_rows), len(holdout_rows), extract_seconds=store.seconds)
+        if self.config["updatable"]:  # what an update scores again
+            self.fit_info["held_out_images"] = held_out_images(store, holdout_rows)
         return self
 
-    def fit_features(self, store: FeatureStore, rows: Sequence[int] | None = None) -> "GaussianAD":
-        """Fit the per-level Gaussians from extracted training features (all rows, or `rows`)."""
+    def update(self, images: ImageSet | Sequence[str | Path], holdout: float = 0.1) -> "GaussianAD":
+        """Add defect-free images to an updatable ridge model exactly, without the images it was fitted
+        on; a `holdout` share of them sets the thresholds with the earlier ones (gaussian.updates)."""
+        check_updatable(self)
+        paths = image_paths(images)
+        with tempfile.TemporaryDirectory(prefix="gaussad-features-") as tmp:
+            store = FeatureStore.write(self.backbone, paths, tmp, self.batch_size, self.progress, "new features")
+            update_store(self, store, holdout)
+        return self
+
+    def fit_features(self, store: FeatureStore, rows: Sequence[int] | None = None, add: bool = False) -> "GaussianAD":
+        """Fit the per-level Gaussians from extracted training features (all rows, or `rows`); with
+        `add`, add them to the sums an updatable model keeps (gaussad.gaussian.updates)."""
         c = self.config
         shared = c["spatial"] == "shared"
+        if not add:
+            self.moments, self.channel_subsets = {}, choose_channels(c, self.backbone.channels())
 
-        def fit(batches, per_position=False):  # one Gaussian per position: its [h·w, D, k] axes in float32
+        def fit(name, batches, per_position=False):  # one Gaussian per position: its [h·w, D, k] axes in float32
+            moments = self.moments.setdefault(name, MomentAccumulator(torch.float64)) if c["updatable"] else None
             return fit_gaussian(batches, c["reduction"], c["variance"], self.device, c["covariance"], c["ridge"],
-                                torch.float32 if per_position else torch.float64)
+                                torch.float32 if per_position else torch.float64, moments)
 
         image_levels = c["levels"] if c["image_score"] != "map-max" else []
-        self.channel_subsets = choose_channels(c, self.backbone.channels())
         jobs = [("image", level) for level in image_levels] + [("pixel", key) for key in pixel_keys(c)]
         for kind, key in tqdm(jobs, desc="fitting levels", disable=not self.progress):
+            name = f"{kind}.{key}"
             if kind == "image":
-                self.image_gaussians[key] = fit(lambda level=key: (
+                self.image_gaussians[key] = fit(name, lambda level=key: (
                     chunk.mean((2, 3))[:, None, :] for chunk in store.chunks(level, rows)))
             elif key in (STACKED, MAP_STACKED):  # all pixel levels of the same images at once
-                self.pixel_gaussians[key] = fit(lambda key=key: (
+                self.pixel_gaussians[key] = fit(name, lambda key=key: (
                     positions(self._pixel_inputs(feats, key)[key], shared)
                     for feats in store.batches(rows, self.batch_size)), not shared)
             else:  # one level, read in chunks
-                self.pixel_gaussians[key] = fit(lambda level=key: (
+                self.pixel_gaussians[key] = fit(name, lambda level=key: (
                     positions(self._pixel_inputs({level: chunk}, level)[level], shared)
                     for chunk in store.chunks(level, rows)), not shared)
         self.fit_info["channels"] = {str(key): int(g.mean.shape[1]) for key, g in self.pixel_gaussians.items()}
@@ -160,8 +177,6 @@ class GaussianAD(Detector):
         maxima = torch.cat([p[1] for p in parts])
         scale = [[float(x.mean()), float(x.std()) if len(x) > 1 else 1.0] for x in (pooled, maxima)]
         return torch.tensor([[mean, std if std > 0 else 1.0] for mean, std in scale], dtype=torch.float64)
-
-    # ---- scoring -------------------------------------------------------------------------------
 
     def score_store(self, store: FeatureStore, rows: Sequence[int] | None = None) -> Scores:
         """Scores of images whose features were already extracted (all rows, or `rows`)."""
@@ -183,8 +198,7 @@ class GaussianAD(Detector):
         pooled, peak, pixel_map = self._score_parts(feats)
         return self._image_scores(pooled, peak), pixel_map
 
-    def _scores(self, pooled: torch.Tensor | None, peak: torch.Tensor,
-                pixel_map: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _scores(self, pooled: torch.Tensor | None, peak: torch.Tensor, pixel_map: torch.Tensor) -> tuple:
         """(image scores, maps) as numpy from the parts."""
         return self._image_scores(pooled, peak).cpu().numpy(), pixel_map.cpu().numpy()
 
@@ -228,7 +242,7 @@ class GaussianAD(Detector):
     def is_fitted(self) -> bool:
         return bool(self.pixel_gaussians)
 
-    # ---- save / load ---------------------------------------------------------------------------
+    # ---- save / load --------------------------------------------------------------------------
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -240,7 +254,7 @@ class GaussianAD(Detector):
             tensors[f"pixel.{key}.channels"] = subset.contiguous().cpu()
         if self.config["image_score"] == "combined":
             tensors["score_scale"] = self.score_scale.contiguous().cpu()
-        return tensors
+        return tensors | moment_tensors(self.moments)
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
         c = self.config
@@ -260,6 +274,9 @@ class GaussianAD(Detector):
             if "score_scale" not in tensors:
                 raise ModelFileError(f"{path} lacks tensor 'score_scale'")
             self.score_scale = tensors["score_scale"].double()
+        if c["updatable"]:
+            names = [f"image.{level}" for level in image_levels] + [f"pixel.{key}" for key in pixel_gaussians]
+            self.moments = load_moments(tensors, names, path)
         self._check_shapes(path.parent)
 
     def _check_shapes(self, directory: Path) -> None:
@@ -267,8 +284,7 @@ class GaussianAD(Detector):
         size, shared = self.config["image_size"], self.config["spatial"] == "shared"
         probe = self.backbone.extract(torch.zeros(1, 3, size, size))
         expected = [("image", level, self.image_gaussians.get(level), feats) for level, feats in probe.items()]
-        expected += [("pixel", key, self.pixel_gaussians.get(key), feats)
-                     for key, feats in self._pixel_inputs(probe).items()]
+        expected += [("pixel", key, self.pixel_gaussians.get(key), f) for key, f in self._pixel_inputs(probe).items()]
         for kind, level, gaussian, feats_nchw in expected:
             if gaussian is None:  # a level of the other kind only
                 continue

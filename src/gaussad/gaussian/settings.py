@@ -7,6 +7,7 @@ is the best offline configuration found on real defects (docs/results.md says ho
 
 from __future__ import annotations
 
+from gaussad.base_detector import FALSE_ALARM_RATE
 from gaussad.gaussian.map_operations import LOCAL_WEIGHTS
 from gaussad.gaussian.statistics import COVARIANCES, REDUCTIONS
 from gaussad.settings import Setting, SettingsTable
@@ -40,10 +41,7 @@ SETTINGS = SettingsTable([
             "levels stacked at the finest one's size, one per position", choices=SPATIAL_MODES, label="spatial mode"),
     Setting("normal_quantile", "float", 0.99, "the image threshold: this quantile of held-out normal scores",
             minimum=0, maximum=1, open_low=True),
-    Setting("false_alarm_rate", "float", None,
-            "the image threshold at this false-alarm rate: the lowest whose 95 % upper bound from the held-out "
-            "normal images is within it (none: the normal_quantile threshold decides)", minimum=0, maximum=1,
-            open_low=True, open_high=True, optional=True, before=None),
+    FALSE_ALARM_RATE,
     Setting("seed", "int", 0, "seed of the hold-out split and the channel subsets"),
     Setting("image_score", "choice", "pooled",
             "pooled features (the paper), the anomaly map's maximum, or both standardised by normal images",
@@ -70,6 +68,11 @@ SETTINGS = SettingsTable([
             "anomaly map (none: off)", minimum=1, odd=True, optional=True, before=None,
             applies=lambda s: (s["spatial"], s["image_score"]) == ("stacked", "map-max"),
             needs="spatial 'stacked' and image_score 'map-max'", depends=("spatial", "image_score")),
+    Setting("updatable", "bool", False,
+            "keep every Gaussian's float64 sums in the model folder, so `gaussad update` can add images "
+            "exactly, without the old ones (ridge covariance only; the folder grows, see docs/production.md)",
+            before=False, applies=lambda s: s["covariance"] == "ridge", needs="covariance 'ridge'",
+            depends=("covariance",)),
 ], owner="GaussianAD")
 
 PRESETS = {

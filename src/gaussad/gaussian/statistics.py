@@ -72,6 +72,29 @@ class MomentAccumulator:
     def mean(self) -> torch.Tensor:
         return self.shift + self.sum / self.n
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The sums as tensors to save: n, the shift, Σ(x-K) and the upper triangle of the
+        (symmetric) Σ(x-K)(x-K)ᵀ, [G, D(D+1)/2], half the size of the whole."""
+        rows, columns = torch.triu_indices(self.outer.shape[-1], self.outer.shape[-1])
+        return {"n": torch.tensor(self.n, dtype=torch.int64), "shift": self.shift, "sum": self.sum,
+                "outer": self.outer[:, rows, columns]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "MomentAccumulator":
+        """The accumulator `state()` saved, ready to take more batches."""
+        packed = state["outer"]
+        groups, dim = state["shift"].shape
+        rows, columns = torch.triu_indices(dim, dim)
+        if packed.shape != (groups, len(rows)):
+            raise ValueError(f"the saved sums of outer products have shape {tuple(packed.shape)}, "
+                             f"not {(groups, len(rows))}")
+        moments = cls(packed.dtype)
+        moments.n, moments.shift, moments.sum = int(state["n"]), state["shift"].double(), state["sum"].double()
+        moments.outer = torch.zeros(groups, dim, dim, dtype=packed.dtype, device=packed.device)
+        moments.outer[:, rows, columns] = packed
+        moments.outer[:, columns, rows] = packed
+        return moments
+
     def covariance(self, groups: slice = slice(None)) -> torch.Tensor:
         """The biased (1/n) sample covariance, as scikit-learn's Ledoit-Wolf uses: [G, D, D] (or
         of the `groups` only), in float64."""
@@ -180,12 +203,16 @@ def fit_gaussian(
     covariance: str = "ledoit-wolf",
     ridge: float = 0.01,
     dtype: torch.dtype = torch.float64,
+    moments: "MomentAccumulator | None" = None,
 ) -> Gaussian:
     """Fit G Gaussians from `batches()`, a re-iterable source of [n, G, D] tensors (read twice for
     Ledoit-Wolf, once for ridge). `covariance`: the kept eigenvalues λ shrunk by Ledoit-Wolf, or
-    λ + `ridge` (PaDiM's Σ + εI, in the kept axes). `dtype`: of the [G, D, D] sums of outer products
-    and the kept [G, D, k] axes; float32 halves the memory, time and folder size of per-position
-    Gaussians (means, eigendecompositions and eigenvalues stay in float64)."""
+    λ + `ridge` (PaDiM's Σ + εI, in the kept axes). `dtype`: of the kept [G, D, k] axes and, unless
+    `moments` are given, of the [G, D, D] sums of outer products; float32 halves the memory, time
+    and folder size of per-position Gaussians (means, eigendecompositions and eigenvalues stay in
+    float64). `moments`: an accumulator the batches are added to and that the caller keeps (to save
+    it, or to add more images later: for ridge, the Gaussian of moments updated that way is the
+    Gaussian of all their images); Ledoit-Wolf still reads `batches()` a second time."""
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("covariance", covariance, COVARIANCES)
     if reduction != "none":
@@ -193,14 +220,14 @@ def fit_gaussian(
     if covariance == "ridge":
         check_number("ridge", ridge, float, 0, open_low=True)
 
-    moments = MomentAccumulator(dtype)
+    moments = MomentAccumulator(dtype) if moments is None else moments
     for batch in batches():
         moments.update(batch.to(device))
     if moments.n < 2:
         raise ValueError(f"a Gaussian needs at least 2 samples, got {moments.n}")
     n, mean = moments.n, moments.mean()
     parts = _principal_axes(moments, reduction, variance, dtype)
-    del moments  # its [G, D, D] sums, the largest thing a per-position fit holds, before the axes are joined
+    del moments  # unless the caller keeps them: [G, D, D] sums, the most a per-position fit holds
     counts, kept_values, projection = _joined(parts)
     groups = len(mean)
     kept = torch.arange(projection.shape[2], device=mean.device) < counts[:, None]  # [G, width]
@@ -211,7 +238,7 @@ def fit_gaussian(
 
     fourth_moment = torch.zeros(groups, dtype=torch.float64, device=mean.device)
     for batch in batches():
-        centred = (batch.to(mean.device, torch.float64) - mean).to(dtype)
+        centred = (batch.to(mean.device, torch.float64) - mean).to(projection.dtype)
         z = torch.einsum("ngd,gdk->ngk", centred, projection).double()
         fourth_moment += z.square().sum(-1).square().sum(0)
 

@@ -111,6 +111,7 @@ class PiadeAD(Detector):
             check_output_folder(checkpoint_dir, "checkpoints", adopt=only_checkpoints)
         started = time.perf_counter()
         paths = [str(p) for p in image_paths(images)]
+        self.check_false_alarm_evidence(len(paths), holdout)
         fit_rows, held_rows = split_holdout(len(paths), holdout, self.config["seed"])
         train_x = self._load_images([paths[i] for i in fit_rows], "loading training images")
         held_x = self._load_images([paths[i] for i in held_rows], "loading held-out images")

@@ -7,6 +7,7 @@ architecture's sizes, the perceptual network, weight decay, ...) are set from Py
 
 from __future__ import annotations
 
+from gaussad.base_detector import FALSE_ALARM_RATE
 from gaussad.networks import LITE0_PACKAGE
 from gaussad.settings import Setting, SettingsTable
 
@@ -52,6 +53,7 @@ SETTINGS = SettingsTable([
     Setting("upsample_channels", "int", 512, "channels the upsampler hands the decoder", minimum=1, flag=False),
     Setting("normal_quantile", "float", 0.99, "the image threshold: this quantile of held-out normal scores",
             minimum=0, maximum=1, open_low=True, flag=False),
+    FALSE_ALARM_RATE,
     Setting("seed", "int", 0, "seed of the hold-out split, the initial weights and the order of the images"),
 ], owner="PiadeAD")
 
