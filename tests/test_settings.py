@@ -145,4 +145,4 @@ def test_a_bad_flag_value_names_the_flag(demo_root, tmp_path, capsys):
     from gaussad.cli import main
 
     assert main(["fit", str(demo_root / "weave"), "-o", str(tmp_path / "m"), "--ridge", "-1"]) == 2
-    assert capsys.readouterr().err.strip() == "gaussad: error: --ridge: ridge must be > 0, got -1"
+    assert capsys.readouterr().err.strip() == "gaussad: error: --ridge: ridge must be > 0, got -1.0"
