@@ -84,8 +84,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="gaussad-bench-update-") as tmp:
         work = Path(tmp)
-        write_demo_dataset(work / "data", categories=["weave"], n_train=args.old + args.new, n_test_good=20,
-                           n_test_per_defect=5)
+        write_demo_dataset(work / "data", categories=["weave"], n_train=args.old + args.new, n_test_good=100,
+                           n_test_per_defect=30)  # 190 test images: AUROC steps of 1/9 000
         base = run_step("base", work, args)
         refit = run_step("refit", work, args)
         update = run_step("update", work, args)
