@@ -146,3 +146,17 @@ def test_a_bad_flag_value_names_the_flag(demo_root, tmp_path, capsys):
 
     assert main(["fit", str(demo_root / "weave"), "-o", str(tmp_path / "m"), "--ridge", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "gaussad: error: --ridge: ridge must be > 0, got -1.0"
+
+
+def test_a_presets_own_values_are_never_refused_what_the_user_adds_is():
+    from gaussad.piade import PiadeAD
+
+    # lite0 names a perceptual network; with λ1 = 0 it has no effect, but the user did not set it
+    assert PiadeAD.from_preset("lite0", lambda_perceptual=0).config["lambda_perceptual"] == 0
+    assert model_spec({"model_type": "piade", "piade": {"preset": "lite0", "lambda_perceptual": 0}}).settings[
+        "lambda_perceptual"] == 0
+    with pytest.raises(ValueError, match="ridge needs covariance 'ridge', got covariance 'ledoit-wolf'"):
+        GaussianAD.from_preset("paper", ridge=0.5)
+    with pytest.raises(ValueError, match="params.yaml: piade.perceptual needs"):
+        model_spec({"model_type": "piade", "piade": {"preset": "lite0", "lambda_perceptual": 0,
+                                                     "perceptual": "resnet18"}})
