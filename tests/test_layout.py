@@ -26,6 +26,7 @@ LAYERS = [
     "gaussad.metrics",
     "gaussad.false_alarms",  # thresholds on a false-alarm budget (Clopper-Pearson)
     "gaussad.plots",
+    "gaussad.monitoring",  # drift tests of production scores
     "gaussad.networks",  # pretrained CNNs, weight sources, the part that computes chosen levels
     "gaussad.onnx_features",  # the onnxruntime runtime: levels exported to ONNX, cached by content
     "gaussad.features",  # features per level on a runtime, image batches, the feature store

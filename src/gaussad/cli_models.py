@@ -1,10 +1,11 @@
-"""The `gaussad` commands that use a fitted model on images: update, predict, export; and the plain
+"""The `gaussad` commands that use a fitted model on images: update, monitor, predict, export; and the plain
 tables the commands print.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,13 @@ from gaussad.detectors import load_model
 from gaussad.export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportedDetector, export_onnx
 from gaussad.gaussian.updates import check_updatable
 from gaussad.model_folder import folder_megabytes
+from gaussad.monitoring import ALPHA, monitor
 from gaussad.output_folders import check_model_destination, check_output_folder, claim_output_folder
+from gaussad.validation import check_number
 
 
 def add_model_commands(commands) -> None:
-    """update, predict and export, as subcommands of `commands` (argparse's subparsers)."""
+    """update, monitor, predict and export, as subcommands of `commands` (argparse's subparsers)."""
     update = commands.add_parser("update", help="add defect-free images (files or folders) to a model fitted with "
                                                 "--updatable, exactly, without its old images")
     update.add_argument("model", type=Path, help="model folder written by `gaussad fit --updatable`")
@@ -30,6 +33,17 @@ def add_model_commands(commands) -> None:
                         help="fraction of the new images held out for the thresholds (default 0.1)")
     add_runtime_arguments(update)
     update.set_defaults(run=_update)
+
+    monitor = commands.add_parser("monitor", help="test production images (or predict's scores) for drift "
+                                                  "against the model's held-out normal images")
+    monitor.add_argument("model", type=Path, help="model folder, or an ONNX file written by `gaussad export`")
+    monitor.add_argument("images", type=Path, nargs="*", help="images or folders, in arrival order")
+    monitor.add_argument("-o", "--out", type=Path, required=True, help="folder for monitor.json, monitor.png")
+    monitor.add_argument("--scores", type=Path, help="predictions.csv of `gaussad predict`, instead of images")
+    monitor.add_argument("--window", type=int, help="test each window of N images too (default: all at once)")
+    monitor.add_argument("--alpha", type=float, default=ALPHA, help=f"test level (default {ALPHA})")
+    add_runtime_arguments(monitor)
+    monitor.set_defaults(run=_monitor)
 
     predict = commands.add_parser("predict", help="score images (files or folders) with a fitted model")
     predict.add_argument("model", type=Path, help="model folder, or an ONNX file written by `gaussad export`")
@@ -73,14 +87,52 @@ def _export(args: argparse.Namespace) -> None:
           f"{MAP_TOLERANCE:g}); run it with `gaussad predict {output} IMAGES`")
 
 
+def _monitor(args: argparse.Namespace) -> None:
+    from gaussad.plots import save_monitor_plot
+
+    if bool(args.images) == bool(args.scores):
+        raise ValueError("give the production images or --scores predictions.csv (one of the two)")
+    if args.window is not None:
+        check_number("--window", args.window, int, 1)
+    check_number("--alpha", args.alpha, float, 0, 1, open_low=True, open_high=True)
+    check_output_folder(args.out, "monitoring")
+    model = _load(args)
+    normal = model.fit_info.get("normal_image_scores", [])
+    if args.scores:
+        table = pandas_module().read_csv(args.scores)
+        if "score" not in table.columns:
+            raise ValueError(f"{args.scores} has no `score` column (is it a predictions.csv of gaussad predict?)")
+        names, scores = list(table.get("path", range(len(table)))), table["score"].to_numpy(float)
+    else:
+        images = ImageSet.from_paths(_expand_image_arguments(args.images))
+        validate_images(images)
+        names, scores = [str(p) for p in images.paths], model.score(images).image
+    report = monitor(scores, normal, model.decision_threshold, model.config.get("false_alarm_rate"), args.window,
+                     args.alpha)
+    report.update(model=str(args.model), decision_threshold_name=model.decision_threshold_name, images=names)
+    claim_output_folder(args.out, "monitoring")
+    (args.out / "monitor.json").write_text(json.dumps(report, indent=2))
+    save_monitor_plot(scores, normal, model.decision_threshold, report["windows"], args.out / "monitor.png",
+                      args.model.name)
+    verdict = "DRIFT" if report["drift"] else "no drift"
+    print(f"{verdict}: {report['alarms']} alarms in {report['n_images']} images (rate {report['alarm_rate']:.3f}, "
+          f"normal {report['expected_alarm_rate']:.3f}), scores against the normal ones: KS "
+          f"{report['ks_statistic']:.3f}; p = {report['p_value']:.3g}; drift in {len(report['drift_windows'])} of "
+          f"{len(report['windows'])} window(s); {args.out / 'monitor.json'}, monitor.png")
+
+
+def _load(args: argparse.Namespace) -> Detector:
+    """The model folder or exported file `args.model`, run as the runtime flags say."""
+    if args.model.suffix == ".onnx":
+        return ExportedDetector.load(args.model, **runtime_options(args))
+    return load_model(args.model, **runtime_options(args))
+
+
 def _predict(args: argparse.Namespace) -> None:
     from gaussad.plots import save_overlay
 
     check_output_folder(args.out, "predictions")
-    if args.model.suffix == ".onnx":
-        model = ExportedDetector.load(args.model, **runtime_options(args))
-    else:
-        model = load_model(args.model, **runtime_options(args))
+    model = _load(args)
     images = ImageSet.from_paths(_expand_image_arguments(args.images))
     validate_images(images)
     threshold = _threshold(model, args.threshold)

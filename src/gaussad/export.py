@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaussad.base_detector import Detector
+from gaussad.base_detector import FOLDER_KEYS, Detector
 from gaussad.detectors import detector_class
 from gaussad.errors import ModelFileError, OutputError
 from gaussad.files import atomic_file
@@ -109,7 +109,10 @@ class ExportedDetector(Detector):
         self._set_runtime("cpu", batch_size, progress, "exported")
         self.session = session
         self.thresholds = dict(config.get("thresholds", {}))
-        self.config = {key: config[key] for key in detector_class(config["model_type"]).SETTINGS.names if key in config}
+        names = detector_class(config["model_type"]).SETTINGS.names
+        self.config = {key: config[key] for key in names if key in config}
+        # what fitting measured, as the model's config.json keeps it (the held-out scores among it)
+        self.fit_info = {key: value for key, value in config.items() if key not in FOLDER_KEYS and key not in names}
 
     @classmethod
     def load(cls, path: str | Path, batch_size: int = 16, progress: bool = True, device: str | None = None,

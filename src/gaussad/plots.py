@@ -220,3 +220,29 @@ def save_reconstruction(
     if title:
         figure.suptitle(title)
     _save(figure, path)
+
+
+def save_monitor_plot(scores, normal, threshold: float, windows: list[dict], path, title: str) -> None:
+    """Production scores in arrival order against the held-out normal scores' 1-99 % band and the
+    decision threshold; windows that drifted shaded red."""
+    scores, normal = np.asarray(scores), np.asarray(normal)
+    figure = Figure(figsize=(9, 4), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    low, high = np.quantile(normal, [0.01, 0.99])
+    axes.axhspan(low, high, color="tab:green", alpha=0.15, label="held-out normal images, 1-99 %")
+    axes.axhline(threshold, color="tab:red", lw=1.5, label=f"decision threshold {threshold:.4g}")
+    for window in windows:
+        if window["drift"]:
+            axes.axvspan(window["start"] - 0.5, window["start"] + window["n_images"] - 0.5, color="tab:red",
+                         alpha=0.12, lw=0)
+        if window["start"]:
+            axes.axvline(window["start"] - 0.5, color="grey", lw=0.5, ls=":")
+    alarms = scores >= threshold
+    index = np.arange(len(scores))
+    axes.scatter(index[~alarms], scores[~alarms], s=8, color="tab:blue", label="image")
+    axes.scatter(index[alarms], scores[alarms], s=10, color="tab:red", label="alarm")
+    drifted = sum(w["drift"] for w in windows)
+    axes.set(xlabel="image, in arrival order", ylabel="anomaly score",
+             title=f"{title}: drift in {drifted} of {len(windows)} window(s)")
+    axes.legend(loc="upper left", fontsize=8)
+    _save(figure, path)
