@@ -112,8 +112,7 @@ def _monitor(args: argparse.Namespace) -> None:
     report.update(model=str(args.model), decision_threshold_name=model.decision_threshold_name, images=names)
     claim_output_folder(args.out, "monitoring")
     (args.out / "monitor.json").write_text(json.dumps(report, indent=2))
-    save_monitor_plot(scores, normal, model.decision_threshold, report["windows"], args.out / "monitor.png",
-                      args.model.name)
+    save_monitor_plot(scores, normal, model.decision_threshold, report, args.out / "monitor.png", args.model.name)
     verdict = "DRIFT" if report["drift"] else "no drift"
     print(f"{verdict}: {report['alarms']} alarms in {report['n_images']} images (rate {report['alarm_rate']:.3f}, "
           f"normal {report['expected_alarm_rate']:.3f}), scores against the normal ones: KS "

@@ -222,9 +222,10 @@ def save_reconstruction(
     _save(figure, path)
 
 
-def save_monitor_plot(scores, normal, threshold: float, windows: list[dict], path, title: str) -> None:
+def save_monitor_plot(scores, normal, threshold: float, report: dict, path, title: str) -> None:
     """Production scores in arrival order against the held-out normal scores' 1-99 % band and the
-    decision threshold; windows that drifted shaded red."""
+    decision threshold; windows that drifted shaded red; the verdict (gaussad.monitoring) on top."""
+    windows = report["windows"]
     scores, normal = np.asarray(scores), np.asarray(normal)
     figure = Figure(figsize=(9, 4), dpi=100, layout="constrained")
     axes = figure.add_subplot()
@@ -241,8 +242,9 @@ def save_monitor_plot(scores, normal, threshold: float, windows: list[dict], pat
     index = np.arange(len(scores))
     axes.scatter(index[~alarms], scores[~alarms], s=8, color="tab:blue", label="image")
     axes.scatter(index[alarms], scores[alarms], s=10, color="tab:red", label="alarm")
-    drifted = sum(w["drift"] for w in windows)
+    verdict = "drift" if report["drift"] else "no drift"
     axes.set(xlabel="image, in arrival order", ylabel="anomaly score",
-             title=f"{title}: drift in {drifted} of {len(windows)} window(s)")
-    axes.legend(loc="upper left", fontsize=8)
+             title=f"{title}: {verdict} (p = {report['p_value']:.2g}); "
+                   f"{len(report['drift_windows'])} of {len(windows)} window(s) drift")
+    axes.legend(loc="best", fontsize=8)
     _save(figure, path)
