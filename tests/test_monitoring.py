@@ -44,6 +44,18 @@ def test_on_unshifted_scores_windows_drift_about_as_often_as_the_level():
     assert shifted["drift"] and shifted["p_value"] < 1e-4
 
 
+def test_a_shift_of_every_position_shows_in_the_feature_test():
+    """Same maxima, higher map means (a whole-image shift): the feature test sees it, the others not."""
+    rng = np.random.default_rng(1)
+    normal, normal_means = rng.normal(size=100), rng.normal(size=100)
+    scores, means = rng.normal(size=60), rng.normal(size=60) + 1.5
+    report = monitor(scores, normal, np.quantile(normal, 0.95), map_means=means, normal_map_means=normal_means)
+    assert report["ks_p_value"] > 0.01 and report["feature_p_value"] < 1e-6 and report["drift"]
+    assert report["p_value"] == pytest.approx(3 * report["feature_p_value"])  # Bonferroni over three tests
+    without = monitor(scores, normal, np.quantile(normal, 0.95))
+    assert without["feature_p_value"] is None and not without["drift"]
+
+
 def test_monitor_flags_defective_images_and_not_good_ones(demo_root, tmp_path, capsys):
     from gaussad.cli import main
 
@@ -64,5 +76,14 @@ def test_monitor_flags_defective_images_and_not_good_ones(demo_root, tmp_path, c
     assert (tmp_path / "bad" / "monitor.png").stat().st_size > 10_000
     assert capsys.readouterr().out.splitlines()[-1].startswith("DRIFT:")
     normal = model.fit_info["normal_image_scores"]
-    want = monitor(model.score(defective).image, normal, model.decision_threshold, window=6)
+    scored = model.score(defective)
+    want = monitor(scored.image, normal, model.decision_threshold, window=6, map_means=scored.maps.mean((1, 2)),
+                   normal_map_means=model.fit_info["normal_map_means"])
     assert bad_report["p_value"] == pytest.approx(want["p_value"], rel=1e-6)
+    # the same from predict's table
+    predict = ["predict", str(tmp_path / "model"), *map(str, defective), "-o", str(tmp_path / "pred"), "--quiet"]
+    assert main(predict) == 0
+    assert main(["monitor", str(tmp_path / "model"), "--scores", str(tmp_path / "pred" / "predictions.csv"),
+                 "--window", "6", "-o", str(tmp_path / "from-csv"), "--quiet"]) == 0
+    from_csv = json.loads((tmp_path / "from-csv" / "monitor.json").read_text())
+    assert from_csv["p_value"] == pytest.approx(bad_report["p_value"], rel=1e-6)

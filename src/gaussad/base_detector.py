@@ -170,12 +170,14 @@ class Detector:
     def set_normal_thresholds(self, normal: Scores) -> None:
         """Thresholds from defect-free scores alone, usable where no defect is labelled; with a
         `false_alarm_rate`, the threshold on that budget (gaussad.false_alarms). The image scores
-        are kept (fit_info `normal_image_scores`): the evidence the thresholds rest on."""
+        are kept (fit_info `normal_image_scores`), and the mean of each one's map (`normal_map_means`):
+        the evidence the thresholds rest on, which gaussad.monitoring tests production images against."""
         q = self.config["normal_quantile"]
         self.thresholds["image_normal_quantile"] = float(np.quantile(normal.image, q))
         self.thresholds["pixel_normal_quantile"] = float(np.quantile(normal.maps, PIXEL_NORMAL_QUANTILE))
         self.thresholds["pixel_normal_median"] = float(np.median(normal.maps))
         self.fit_info["normal_image_scores"] = [float(s) for s in normal.image]
+        self.fit_info["normal_map_means"] = [float(m) for m in normal.maps.mean((1, 2), dtype=np.float64)]
         budget = self.config.get("false_alarm_rate")
         if budget is not None:
             chosen = budget_threshold(normal.image, budget)

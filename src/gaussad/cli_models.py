@@ -103,12 +103,14 @@ def _monitor(args: argparse.Namespace) -> None:
         if "score" not in table.columns:
             raise ValueError(f"{args.scores} has no `score` column (is it a predictions.csv of gaussad predict?)")
         names, scores = list(table.get("path", range(len(table)))), table["score"].to_numpy(float)
+        map_means = table["map_mean"].to_numpy(float) if "map_mean" in table.columns else None
     else:
         images = ImageSet.from_paths(_expand_image_arguments(args.images))
         validate_images(images)
-        names, scores = [str(p) for p in images.paths], model.score(images).image
+        scored = model.score(images)
+        names, scores, map_means = [str(p) for p in images.paths], scored.image, scored.maps.mean((1, 2))
     report = monitor(scores, normal, model.decision_threshold, model.config.get("false_alarm_rate"), args.window,
-                     args.alpha)
+                     args.alpha, map_means, model.fit_info.get("normal_map_means"))
     report.update(model=str(args.model), decision_threshold_name=model.decision_threshold_name, images=names)
     claim_output_folder(args.out, "monitoring")
     (args.out / "monitor.json").write_text(json.dumps(report, indent=2))
@@ -144,7 +146,8 @@ def _predict(args: argparse.Namespace) -> None:
         overlay = args.out / f"{path.stem}_overlay.png"
         save_overlay(np.asarray(read_rgb(path)), anomaly_map, overlay, f"{path.name}: {label} ({score:.2f})",
                      vmin, vmax, threshold=model.thresholds["pixel_normal_quantile"])
-        rows.append({"path": str(path), "score": float(score), "label": label, "overlay": str(overlay)})
+        rows.append({"path": str(path), "score": float(score), "label": label, "overlay": str(overlay),
+                     "map_mean": float(anomaly_map.mean(dtype=np.float64))})
     pd = pandas_module()
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "predictions.csv", index=False)
