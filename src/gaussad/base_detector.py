@@ -84,10 +84,6 @@ class Detector:
     batch_size: int
     progress: bool
 
-    @classmethod
-    def config_keys(cls) -> tuple[str, ...]:
-        return cls.SETTINGS.names
-
     def _configure(self, settings: dict, check_effect: bool | Collection[str] = True) -> None:
         """self.config from `settings` over the defaults, checked (a bad value or a setting without
         effect: ValueError); a saved folder's config is loaded with check_effect False."""
