@@ -262,3 +262,37 @@ def test_a_version_registered_with_its_exported_graph_scores_with_it(mlflow_serv
 
     from_folder = mlflow.pyfunc.load_model(uri, model_config={"use_exported": False})
     assert isinstance(from_folder.unwrap_python_model().model, GaussianAD)
+
+
+def test_the_false_alarm_gate_needs_the_budget_and_the_champion():
+    from gaussad.registry import _false_alarm_gate
+
+    assert _false_alarm_gate({"challenger": (2, 20, 0.05)}, None)[0]  # P(X >= 2 | 20, 0.05) = 0.26
+    passed, reason = _false_alarm_gate({"challenger": (5, 20, 0.05)}, None)  # P(X >= 5) = 0.0026
+    assert not passed and "above its budget 0.05" in reason
+    passed, reason = _false_alarm_gate({"challenger": (2, 20, None), "champion": (1, 20, None)}, "4")
+    assert not passed and "> champion v4's 1" in reason
+
+
+def test_promotion_on_fresh_normal_images_counts_each_versions_false_alarms(mlflow_server, registry, tmp_path):
+    """Fresh defect-free images of the category (another seed): each version's alarms at its own
+    decision threshold, counted again here through the registry's pyfunc models."""
+    write_demo_dataset(tmp_path / "fresh", seed=9, categories=[CATEGORY], n_train=12, n_test_good=1,
+                       n_test_per_defect=1, image_size=64)
+    fresh = sorted((tmp_path / "fresh" / CATEGORY / "train" / "good").iterdir())
+    client = MlflowClient(mlflow_server)
+    client.set_registered_model_alias(NAME, "champion", "2")
+    client.set_registered_model_alias(NAME, "challenger", "1")
+    decision = promote(NAME, uri=mlflow_server, normal_images=fresh)
+    for version, counted in (("1", decision.challenger_false_alarms), ("2", decision.champion_false_alarms)):
+        with tracking_to(mlflow_server):
+            model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}").unwrap_python_model().model
+        want = int((model.score(fresh).image >= model.decision_threshold).sum())
+        assert counted == (want, len(fresh))
+    assert f"false alarms in {len(fresh)} fresh normal images" in decision.reason
+    labelled_ok = decision.challenger_value >= decision.champion_value
+    fewer_alarms = decision.challenger_false_alarms[0] <= decision.champion_false_alarms[0]
+    assert decision.promoted == (labelled_ok and fewer_alarms)
+    tags = client.get_model_version(NAME, "1").tags
+    assert tags["promotion.challenger_false_alarms"] == f"{decision.challenger_false_alarms[0]}/{len(fresh)}"
+    client.set_registered_model_alias(NAME, "champion", "2")  # as the tests after this one expect

@@ -68,7 +68,7 @@ def _update(args: argparse.Namespace) -> None:
     if not hasattr(model, "update"):
         raise ValueError(f"{args.model} is a {model.NAME} model: only Gaussian models update (fit it again)")
     check_updatable(model)  # before any image is read
-    images = ImageSet.from_paths(_expand_image_arguments(args.images))
+    images = ImageSet.from_paths(expand_image_arguments(args.images))
     validate_images(images)
     before = model.fit_info["n_train_images"]
     model.update(images, holdout=args.holdout)
@@ -105,7 +105,7 @@ def _monitor(args: argparse.Namespace) -> None:
         names, scores = list(table.get("path", range(len(table)))), table["score"].to_numpy(float)
         map_means = table["map_mean"].to_numpy(float) if "map_mean" in table.columns else None
     else:
-        images = ImageSet.from_paths(_expand_image_arguments(args.images))
+        images = ImageSet.from_paths(expand_image_arguments(args.images))
         validate_images(images)
         scored = model.score(images)
         names, scores, map_means = [str(p) for p in images.paths], scored.image, scored.maps.mean((1, 2))
@@ -134,7 +134,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     check_output_folder(args.out, "predictions")
     model = _load(args)
-    images = ImageSet.from_paths(_expand_image_arguments(args.images))
+    images = ImageSet.from_paths(expand_image_arguments(args.images))
     validate_images(images)
     threshold = _threshold(model, args.threshold)
     claim_output_folder(args.out, "predictions")
@@ -156,7 +156,7 @@ def _predict(args: argparse.Namespace) -> None:
     print(f"threshold {name} {threshold:.4g}{_budget_note(model)}; overlays and predictions.csv in {args.out}")
 
 
-def _expand_image_arguments(arguments: list[Path]) -> list[Path]:
+def expand_image_arguments(arguments: list[Path]) -> list[Path]:
     paths: list[Path] = []
     for argument in arguments:
         if argument.is_dir():

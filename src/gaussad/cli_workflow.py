@@ -38,6 +38,9 @@ def add_workflow_commands(commands) -> None:
     promote.add_argument("--metric", default="image_auroc",
                          help="the test metric compared (default image_auroc); another name is refused with the list")
     promote.add_argument("--data", type=Path, help="dataset root to compare on (default: the challenger's)")
+    promote.add_argument("--normal-images", type=Path,
+                         help="a folder of fresh defect-free images: promote only if the challenger's false alarms "
+                              "on them are within its budget and no more than the champion's")
     promote.add_argument("--force", action="store_true", help="promote whatever the comparison says")
     promote.set_defaults(run=_promote)
 
@@ -63,14 +66,21 @@ def _log(args: argparse.Namespace) -> None:
 
 def _promote(args: argparse.Namespace) -> None:
     _require("mlflow", "tracking", "promote")
+    from gaussad.cli_models import expand_image_arguments
+    from gaussad.data import ImageSet, validate_images
     from gaussad.evaluate import TEST_METRICS
     from gaussad.registry import promote
     from gaussad.tracking import tracking_uri
 
     check_choice("--metric", args.metric, TEST_METRICS)
-
+    normal = None
+    if args.normal_images is not None:
+        normal = ImageSet.from_paths(expand_image_arguments([args.normal_images]))
+        validate_images(normal)  # before any model is loaded
+        normal = list(normal.paths)
     for name in args.names:
-        decision = promote(name, args.metric, str(args.data) if args.data else None, args.force, tracking_uri())
+        decision = promote(name, args.metric, str(args.data) if args.data else None, args.force, tracking_uri(),
+                           normal)
         outcome = "promoted to champion" if decision.promoted else "not promoted"
         print(f"{decision.name} version {decision.challenger}: {outcome}: {decision.reason}")
 

@@ -4,7 +4,8 @@ One registered model per dataset and category, `gaussad-<dataset>-<category>`, w
 type, so a PIADE model and a Gaussian one compete for the same `champion` alias. A new version
 gets the alias `challenger`; `promote` scores challenger and champion on the same test images and
 moves `champion` only if the challenger is at least as good on the chosen metric (or `force`),
-writing the figures and the reason into the challenger version's tags and description.
+and, given fresh defect-free images, only if its false alarms on them pass a gate that needs no
+defective image; the figures and the reason go into the challenger version's tags and description.
 
 A version holds the model folder as its artifact (config.json + safetensors, no pickle) and
 gaussad/pyfunc_model.py as its code (MLflow "model from code"). With `export_onnx`, a Gaussian
@@ -25,6 +26,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,6 +42,7 @@ from gaussad.data import load_category
 from gaussad.detectors import detector_class
 from gaussad.evaluate import TEST_METRICS, test_metrics
 from gaussad.files import file_sha256
+from gaussad.monitoring import ALPHA, alarm_p_value
 from gaussad.serving import EXPORTED_ARTIFACT, MODEL_ARTIFACT
 
 # MLflow draws a progress bar per model download or upload: noise in flow logs. Users' settings win.
@@ -156,13 +159,20 @@ class Promotion:
     champion_value: float | None
     promoted: bool
     reason: str
+    # with fresh normal images: (alarms, images) of each version at its own decision threshold
+    challenger_false_alarms: tuple[int, int] | None = None
+    champion_false_alarms: tuple[int, int] | None = None
 
 
 def promote(name: str, metric: str = "image_auroc", dataset_root: str | None = None, force: bool = False,
-            uri: str | None = None) -> Promotion:
+            uri: str | None = None, normal_images: Sequence[str | Path] | None = None) -> Promotion:
     """Make the `challenger` version `champion` if it scores at least as well as the current
     champion on `metric`, both scored now on the same test split (`dataset_root`, by default the
-    challenger's own). `force` promotes whatever the figures say."""
+    challenger's own). With `normal_images` (fresh defect-free images neither version was fitted
+    on), a gate that needs no defect as well: the challenger's false alarms on them, at its own
+    decision threshold, not significantly above its false-alarm budget (the binomial test of
+    gaussad.monitoring at 1 %) and no more than the champion's. `force` promotes whatever the
+    figures say."""
     if metric not in PROMOTION_METRICS:
         raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(PROMOTION_METRICS)}")
     uri = uri or mlflow.get_tracking_uri()
@@ -195,13 +205,44 @@ def promote(name: str, metric: str = "image_auroc", dataset_root: str | None = N
             promoted = True
             reason = (f"{metric} {_format(challenger_value)} >= champion v{champion.version}'s "
                       f"{_format(champion_value)} {on}")
+    alarms = {}
+    if normal_images is not None and (champion is None or champion.version != challenger.version):
+        alarms = {role: _false_alarms(name, version.version, normal_images)
+                  for role, version in (("challenger", challenger), ("champion", champion)) if version is not None}
+        passed, gate_reason = _false_alarm_gate(alarms, champion.version if champion else None)
+        promoted, reason = promoted and passed, f"{reason}; {gate_reason}"
     if force and not promoted and champion is not None and champion.version != challenger.version:
         promoted, reason = True, f"forced: {reason}"
+    counts = {role: found[:2] for role, found in alarms.items()}  # (alarms, images)
     decision = Promotion(name, challenger.version, champion.version if champion else None, metric,
-                         challenger_value, champion_value, promoted, reason)
+                         challenger_value, champion_value, promoted, reason, counts.get("challenger"),
+                         counts.get("champion"))
     if champion is None or champion.version != challenger.version:  # the champion keeps its own record
         _record(client, decision)
     return decision
+
+
+def _false_alarms(name: str, version: str, images: Sequence[str | Path]) -> tuple[int, int, float | None]:
+    """(alarms, images, false-alarm budget) of a registered version on defect-free `images`."""
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().model
+    scores = model.score(images).image
+    return int((scores >= model.decision_threshold).sum()), len(scores), model.config.get("false_alarm_rate")
+
+
+def _false_alarm_gate(alarms: dict, champion: str | None) -> tuple[bool, str]:
+    """Whether the challenger's false alarms pass (its budget, the champion's), and why."""
+    k, n, budget = alarms["challenger"]
+    passed, reason = True, f"{k} false alarms in {n} fresh normal images"
+    if budget is not None:
+        p = alarm_p_value(k, n, budget)
+        within = p >= ALPHA
+        passed = passed and within
+        reason += f" ({'within' if within else 'above'} its budget {budget:g}: p = {p:.2g})"
+    if "champion" in alarms:
+        champion_k = alarms["champion"][0]
+        passed = passed and k <= champion_k
+        reason += f", {'<=' if k <= champion_k else '>'} champion v{champion}'s {champion_k}"
+    return passed, reason
 
 
 def _score_version(name: str, version: str, category, metric: str) -> float | None:
@@ -221,9 +262,11 @@ def _record(client: MlflowClient, decision: Promotion) -> None:
         "promotion.reason": decision.reason,
         "promotion.champion_before": decision.champion or "none",
     }
-    for key, value in (("challenger_value", decision.challenger_value), ("champion_value", decision.champion_value)):
+    for key, value in (("challenger_value", decision.challenger_value), ("champion_value", decision.champion_value),
+                       ("challenger_false_alarms", decision.challenger_false_alarms),
+                       ("champion_false_alarms", decision.champion_false_alarms)):
         if value is not None:
-            tags[f"promotion.{key}"] = str(value)
+            tags[f"promotion.{key}"] = str(value) if not isinstance(value, tuple) else f"{value[0]}/{value[1]}"
     for key, value in tags.items():
         client.set_model_version_tag(decision.name, version, key, value)
     client.update_model_version(decision.name, version, description=f"{tags['promotion.decision']}: {decision.reason}")
