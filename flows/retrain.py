@@ -16,34 +16,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 import flows.runtime  # noqa: F401  (first: it sets Prefect's environment defaults)
 
 # isort: split
 from prefect import flow
 
+from flows.production import watch_arrivals
 from flows.promote import promote_models
 from flows.train import train
+from gaussad.production import production_settings
 
 DEPLOYMENT = "scheduled"
 
 
 @flow(name="gaussad-retrain", log_prints=True)
 def retrain(dataset_root: str, config: str = "params.yaml", out_dir: str = "outputs/pipeline",
-            cache_dir: str | None = None, experiment: str = "gaussad", metric: str = "image_auroc") -> list[dict]:
-    """Train with tracking and registration, then promote each category's challenger on `metric`."""
+            cache_dir: str | None = None, experiment: str = "gaussad", metric: str = "image_auroc",
+            production_dir: str = "outputs/production") -> dict:
+    """Train with tracking and registration, then promote each category's challenger on `metric`;
+    with `production.arrivals` in the params, then one tick of the production loop per category."""
     summary = train(dataset_root, None, config, out_dir, cache_dir, track=True, experiment=experiment)
     names = sorted({version.rsplit("/", 1)[0] for version in summary["registered"].values()})
-    return promote_models(names, metric)
+    result = {"promotions": promote_models(names, metric)}
+    if production_settings(yaml.safe_load(Path(config).read_text()), config)["arrivals"] is not None:
+        result["ticks"] = watch_arrivals(dataset_root, None, config, production_dir, experiment, metric)
+    return result
 
 
 def serve(cron: str, dataset_root: str, config: str = "params.yaml", out_dir: str = "outputs/pipeline",
-          cache_dir: str | None = None, name: str = DEPLOYMENT) -> None:
+          cache_dir: str | None = None, name: str = DEPLOYMENT, production_dir: str = "outputs/production") -> None:
     """Block, serving the retrain flow on `cron`; scheduled and manual runs execute in this process."""
     parameters = {
         "dataset_root": str(Path(dataset_root).resolve()),
         "config": str(Path(config).resolve()),
         "out_dir": str(Path(out_dir).resolve()),
         "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
+        "production_dir": str(Path(production_dir).resolve()),
     }
     retrain.serve(name=name, cron=cron, parameters=parameters, tags=["gaussad"],
                   description="Retrain, register and promote every category on a schedule (gaussad)")

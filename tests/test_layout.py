@@ -53,12 +53,14 @@ LAYERS = [
     "gaussad.pyfunc_model",  # the code stored with each registered version
     "gaussad.registry",  # MLflow from here down
     "gaussad.tracking",
+    "gaussad.production",  # the production loop's tick: monitor, update or refit, register, promote
     "flows",
     "flows.runtime",  # Prefect from here down
     "flows.cache",
     "flows.reporting",
     "flows.train",
     "flows.promote",
+    "flows.production",
     "flows.retrain",
     "gaussad.cli_arguments",  # the flags that describe a model and how it runs
     "gaussad.cli_models",  # update, predict, export

@@ -24,6 +24,7 @@ import mlflow
 from gaussad.cli import main
 from gaussad.data import load_category
 from gaussad.demo import write_demo_dataset
+from gaussad.errors import DatasetError
 from gaussad.evaluate import evaluate
 from gaussad.gaussian import GaussianAD
 from gaussad.registry import promote
@@ -295,4 +296,22 @@ def test_promotion_on_fresh_normal_images_counts_each_versions_false_alarms(mlfl
     assert decision.promoted == (labelled_ok and fewer_alarms)
     tags = client.get_model_version(NAME, "1").tags
     assert tags["promotion.challenger_false_alarms"] == f"{decision.challenger_false_alarms[0]}/{len(fresh)}"
+    client.set_registered_model_alias(NAME, "champion", "2")  # as the tests after this one expect
+
+
+def test_without_a_labelled_split_the_false_alarm_gate_alone_decides(mlflow_server, registry, tmp_path):
+    write_demo_dataset(tmp_path / "fresh", seed=9, categories=[CATEGORY], n_train=6, n_test_good=1,
+                       n_test_per_defect=1, image_size=64)
+    fresh = sorted((tmp_path / "fresh" / CATEGORY / "train" / "good").iterdir())
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(tmp_path / "fresh" / CATEGORY / "train", unlabelled / CATEGORY / "train")  # no test split
+    client = MlflowClient(mlflow_server)
+    client.set_registered_model_alias(NAME, "champion", "2")
+    client.set_registered_model_alias(NAME, "challenger", "1")
+    decision = promote(NAME, dataset_root=str(unlabelled), uri=mlflow_server, normal_images=fresh)
+    assert decision.challenger_value is None and decision.champion_value is None
+    assert decision.reason.startswith("no labelled test split: the false-alarm gate alone decides; ")
+    assert decision.promoted == (decision.challenger_false_alarms[0] <= decision.champion_false_alarms[0])
+    with pytest.raises(DatasetError, match=f"unlabelled/{CATEGORY}/test: "):  # no fresh images: nothing to go on
+        promote(NAME, dataset_root=str(unlabelled), uri=mlflow_server)
     client.set_registered_model_alias(NAME, "champion", "2")  # as the tests after this one expect

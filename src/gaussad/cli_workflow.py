@@ -20,6 +20,8 @@ def add_workflow_commands(commands) -> None:
     serve.add_argument("--params", type=Path, default=Path("params.yaml"))
     serve.add_argument("--out", type=Path, default=Path("outputs/pipeline"))
     serve.add_argument("--cache-dir", type=Path)
+    serve.add_argument("--production-out", type=Path, default=Path("outputs/production"),
+                       help="where the production loop (params.yaml `production`) writes each tick's monitoring")
     serve.set_defaults(run=_serve)
 
     log = commands.add_parser("log", help="log a pipeline run folder (flows/train.py --out) to MLflow and "
@@ -50,7 +52,8 @@ def _serve(args: argparse.Namespace) -> None:
     _require("mlflow", "tracking", "serve")
     from flows.retrain import serve
 
-    serve(args.cron, str(args.data), str(args.params), str(args.out), str(args.cache_dir) if args.cache_dir else None)
+    serve(args.cron, str(args.data), str(args.params), str(args.out), str(args.cache_dir) if args.cache_dir else None,
+          production_dir=str(args.production_out))
 
 
 def _log(args: argparse.Namespace) -> None:

@@ -168,10 +168,11 @@ def promote(name: str, metric: str = "image_auroc", dataset_root: str | None = N
             uri: str | None = None, normal_images: Sequence[str | Path] | None = None) -> Promotion:
     """Make the `challenger` version `champion` if it scores at least as well as the current
     champion on `metric`, both scored now on the same test split (`dataset_root`, by default the
-    challenger's own). With `normal_images` (fresh defect-free images neither version was fitted
-    on), a gate that needs no defect as well: the challenger's false alarms on them, at its own
-    decision threshold, not significantly above its false-alarm budget (the binomial test of
-    gaussad.monitoring at 1 %) and no more than the champion's. `force` promotes whatever the
+    challenger's own; with `normal_images` and no test split, the gate alone decides). With
+    `normal_images` (fresh defect-free images neither version was fitted on), a gate that needs no
+    defect as well: the challenger's false alarms on them, at its own decision threshold, not
+    significantly above its false-alarm budget (the binomial test of gaussad.monitoring at 1 %) and
+    no more than the champion's. `force` promotes whatever the
     figures say."""
     if metric not in PROMOTION_METRICS:
         raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(PROMOTION_METRICS)}")
@@ -191,6 +192,9 @@ def promote(name: str, metric: str = "image_auroc", dataset_root: str | None = N
         promoted, reason = True, f"version {challenger.version} is the first champion of {name}"
     elif champion.version == challenger.version:
         promoted, reason = False, f"version {challenger.version} is already the champion"
+    elif normal_images is not None and not _has_test_split(dataset_root or challenger.tags["dataset_root"],
+                                                           challenger.tags["category"]):
+        promoted, reason = True, "no labelled test split: the false-alarm gate alone decides"
     else:
         root = dataset_root or challenger.tags["dataset_root"]
         category = load_category(root, challenger.tags["category"])  # validated before any scoring
@@ -220,6 +224,10 @@ def promote(name: str, metric: str = "image_auroc", dataset_root: str | None = N
     if champion is None or champion.version != challenger.version:  # the champion keeps its own record
         _record(client, decision)
     return decision
+
+
+def _has_test_split(root: str, category: str) -> bool:
+    return (Path(root) / category / "test").is_dir()
 
 
 def _false_alarms(name: str, version: str, images: Sequence[str | Path]) -> tuple[int, int, float | None]:

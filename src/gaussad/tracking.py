@@ -58,7 +58,7 @@ def log_run_folder(run_dir: str | Path, experiment: str = DEFAULT_EXPERIMENT, ur
     uri = uri or tracking_uri()
     _check_reachable(uri, run_dir)
     mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment_id(experiment, uri)
+    experiment_id = ensure_experiment(experiment, uri)
     dataset = record["data"].get("name") or Path(record["data"]["root"]).name  # no name: run folders before 0.2
     model_type = record["params"].get("model_type", DEFAULT_MODEL_TYPE)
     block = detector_class(model_type).PARAMS_BLOCK  # the params.yaml block that model type reads
@@ -158,7 +158,7 @@ def _strings(params: dict) -> dict:
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
 
 
-def _experiment_id(name: str, uri: str) -> str:
+def ensure_experiment(name: str, uri: str) -> str:
     """The experiment's id, creating it with an explicit artifact location for a local store."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
