@@ -1,4 +1,4 @@
-"""Scheduled retraining: train, log and register every category, then promote where as good.
+"""Scheduled retraining: train, log and register every category, promote where as good, watch arrivals.
 
     prefect server start                                          # terminal 1: the API and the UI
     export PREFECT_API_URL=http://127.0.0.1:4200/api              # terminal 2
@@ -7,8 +7,9 @@
 The deployment `gaussad-retrain/scheduled` runs at each cron tick and can also be started by hand
 (`prefect deployment run gaussad-retrain/scheduled`, or "Run" in the UI at http://127.0.0.1:4200).
 Each run is the train flow with tracking (MLFLOW_TRACKING_URI, else mlflow/), which registers
-each new model as `challenger`, then the promote flow on those registered models. Runs, task
-states (cached or computed) and the results artifact are in the UI's Runs page.
+each new model as `challenger`, then the promote flow on those registered models, then, with
+`production.arrivals` in the params, one tick of the production loop (flows/production.py). Runs,
+task states (cached or computed) and the results artifacts are in the UI's Runs page.
 `serve` needs a real server: on Prefect's ephemeral one it refuses to schedule.
 """
 
