@@ -2,7 +2,7 @@
 
     prefect server start                                          # terminal 1: the API and the UI
     export PREFECT_API_URL=http://127.0.0.1:4200/api              # terminal 2
-    gaussad serve --cron "0 3 * * *" --data data/mvtec --params params.yaml --out outputs/pipeline
+    gaussad schedule --cron "0 3 * * *" --data data/mvtec --params params.yaml --out outputs/pipeline
 
 The deployment `gaussad-retrain/scheduled` runs at each cron tick and can also be started by hand
 (`prefect deployment run gaussad-retrain/scheduled`, or "Run" in the UI at http://127.0.0.1:4200).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -244,7 +245,7 @@ def test_params_file_errors_name_the_file_and_the_key(dataset, tmp_path, capsys)
 @pytest.mark.parametrize("command, missing, extra", [
     (["log", "run"], "mlflow", "tracking"),
     (["promote", "gaussad-x-y"], "mlflow", "tracking"),
-    (["serve", "--cron", "0 3 * * *", "--data", "data"], "prefect", "pipeline"),
+    (["schedule", "--cron", "0 3 * * *", "--data", "data"], "prefect", "pipeline"),
 ])
 def test_a_command_whose_extra_is_not_installed_names_it(command, missing, extra):
     """The core installs without Prefect and MLflow (extras); the commands that need them say which
@@ -254,3 +255,21 @@ def test_a_command_whose_extra_is_not_installed_names_it(command, missing, extra
     assert result.returncode == 2
     assert result.stderr.strip() == (f"gaussad: error: `gaussad {command[0]}` needs {missing}, which is not "
                                      f"installed: pip install 'gaussad[{extra}]' (or gaussad[all])")
+
+
+def test_serve_is_the_old_name_of_schedule_and_says_so():
+    code = "import sys; sys.modules['prefect'] = None; from gaussad.cli import main; sys.exit(main(%r))"
+    result = subprocess.run([sys.executable, "-c", code % ["serve", "--cron", "0 3 * * *", "--data", "data"]],
+                            capture_output=True, text=True)
+    note, error = result.stderr.strip().splitlines()
+    assert note.startswith("gaussad: `serve` is the old name of `schedule`")
+    assert error.startswith("gaussad: error: `gaussad schedule` needs prefect")
+
+
+def test_version(capsys):
+    from gaussad import __version__
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0 and capsys.readouterr().out.strip() == f"gaussad {__version__}"
+    assert __version__ == importlib.metadata.version("gaussad")  # one source: pyproject reads it from the package

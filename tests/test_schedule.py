@@ -1,4 +1,4 @@
-"""Slow: `gaussad serve --cron` against a real `prefect server start`; a scheduled and a manual
+"""Slow: `gaussad schedule --cron` against a real `prefect server start`; a scheduled and a manual
 retraining run complete, and the first one registered and promoted the model."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_served_deployment_runs_on_schedule_and_by_hand(tmp_path):
     served = None
     try:
         wait_for(lambda: healthy(url), 120, "prefect server")
-        served = subprocess.Popen([str(BIN / "gaussad"), "serve", "--cron", "* * * * *", "--data", str(data),
+        served = subprocess.Popen([str(BIN / "gaussad"), "schedule", "--cron", "* * * * *", "--data", str(data),
                                    "--params", str(config), "--out", str(tmp_path / "out"),
                                    "--cache-dir", str(tmp_path / "cache")],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

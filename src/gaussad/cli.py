@@ -1,4 +1,5 @@
-"""The `gaussad` command: demo-data, fit, evaluate, update, predict, export, demo (and serve, log, promote).
+"""The `gaussad` command: demo-data, fit, evaluate, update, monitor, predict, export, demo (and schedule, log,
+promote).
 
 A user error (bad path, unreadable image, missing mask, unknown category, unloadable weights, bad
 model folder, an output path holding files gaussad did not write) ends in one line
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from gaussad import __version__
 from gaussad.cli_arguments import (
     add_dataset_arguments,
     add_model_arguments,
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gaussad", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"gaussad {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
 
     demo_data = commands.add_parser("demo-data", help="write the synthetic demo dataset (MVTec AD layout)")
     demo_data.add_argument("directory", type=Path)

@@ -1,5 +1,5 @@
-"""The `gaussad` commands of the workflow around the library: serve (the retraining schedule, with
-Prefect), log and promote (MLflow). Prefect and MLflow are extras: each command checks that its
+"""The `gaussad` commands of the workflow around the library: schedule (the retraining schedule, with
+Prefect; `serve` is its old name), log and promote (MLflow). Prefect and MLflow are extras: each command checks that its
 package is installed and says which extra to install when it is not.
 """
 
@@ -7,22 +7,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 
 from gaussad.validation import check_choice
 
 
 def add_workflow_commands(commands) -> None:
-    """serve, log and promote, as subcommands of `commands` (argparse's subparsers)."""
-    serve = commands.add_parser("serve", help="retrain on a cron schedule as a Prefect deployment (needs a server)")
-    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
-    serve.add_argument("--data", type=Path, required=True, help="dataset root (MVTec AD layout)")
-    serve.add_argument("--params", type=Path, default=Path("params.yaml"))
-    serve.add_argument("--out", type=Path, default=Path("outputs/pipeline"))
-    serve.add_argument("--cache-dir", type=Path)
-    serve.add_argument("--production-out", type=Path, default=Path("outputs/production"),
-                       help="where the production loop (params.yaml `production`) writes each tick's monitoring")
-    serve.set_defaults(run=_serve)
+    """schedule (alias serve), log and promote, as subcommands of `commands` (argparse's subparsers)."""
+    schedule = commands.add_parser("schedule", aliases=["serve"],
+                                   help="retrain on a cron schedule as a Prefect deployment (needs a server); "
+                                        "`serve` is its old name")
+    schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
+    schedule.add_argument("--data", type=Path, required=True, help="dataset root (MVTec AD layout)")
+    schedule.add_argument("--params", type=Path, default=Path("params.yaml"))
+    schedule.add_argument("--out", type=Path, default=Path("outputs/pipeline"))
+    schedule.add_argument("--cache-dir", type=Path)
+    schedule.add_argument("--production-out", type=Path, default=Path("outputs/production"),
+                          help="where the production loop (params.yaml `production`) writes each tick's monitoring")
+    schedule.set_defaults(run=_schedule)
 
     log = commands.add_parser("log", help="log a pipeline run folder (flows/train.py --out) to MLflow and "
                                           "register its models")
@@ -47,9 +50,12 @@ def add_workflow_commands(commands) -> None:
     promote.set_defaults(run=_promote)
 
 
-def _serve(args: argparse.Namespace) -> None:
-    _require("prefect", "pipeline", "serve")  # Prefect and MLflow only for the commands that use them
-    _require("mlflow", "tracking", "serve")
+def _schedule(args: argparse.Namespace) -> None:
+    if args.command == "serve":
+        print("gaussad: `serve` is the old name of `schedule` (the retraining schedule; to serve a registered "
+              "model over HTTP: mlflow models serve, see the README)", file=sys.stderr)
+    _require("prefect", "pipeline", "schedule")  # Prefect and MLflow only for the commands that use them
+    _require("mlflow", "tracking", "schedule")
     from flows.retrain import serve
 
     serve(args.cron, str(args.data), str(args.params), str(args.out), str(args.cache_dir) if args.cache_dir else None,
