@@ -28,6 +28,7 @@ from gaussad.demo import write_demo_dataset
 from gaussad.gaussian import GaussianAD
 from gaussad.production import PRODUCTION, watch
 from gaussad.registry import promote, register_model
+from gaussad.tracking import ensure_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "gaussad-bench-{category}"
@@ -75,7 +76,7 @@ def main() -> None:
         model = GaussianAD.from_preset("lite0", updatable=True, progress=False).fit(category.train, holdout=0.5)
         fit_seconds = time.perf_counter() - started
         model_dir = model.save(tmp / "model")
-        with mlflow.start_run(experiment_id=mlflow.create_experiment("bench-loop")):
+        with mlflow.start_run(experiment_id=ensure_experiment("bench-loop", uri)):  # artifacts beside the store
             register_model(model_dir, "bench", args.category, str(tmp / "data"), {}, mlflow.MlflowClient(uri))
         promote(name, uri=uri)
         arrivals = tmp / "arrivals" / args.category
