@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench ui clean
+.PHONY: demo test test-slow bench ui clean screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# The pictures of docs/img/ from a real run of the demo through the flows, MLflow and Prefect
+# servers (docs/make_screenshots.py; Chromium from the system: apt-get install chromium).
+screenshots: $(STAMP)
+	$(BIN)/pip install --quiet "playwright>=1.40"
+	$(BIN)/python docs/make_screenshots.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_gaussian.py

@@ -36,11 +36,11 @@ DEPLOYMENT = "scheduled"
 def retrain(dataset_root: str, config: str = "params.yaml", out_dir: str = "outputs/pipeline",
             cache_dir: str | None = None, experiment: str = "gaussad", metric: str = "image_auroc",
             production_dir: str = "outputs/production") -> dict:
-    """Train with tracking and registration, then promote each category's challenger on `metric`;
+    """Train with tracking and registration, then promote each newly registered challenger on `metric`;
     with `production.arrivals` in the params, then one tick of the production loop per category."""
     summary = train(dataset_root, None, config, out_dir, cache_dir, track=True, experiment=experiment)
-    names = sorted({version.rsplit("/", 1)[0] for version in summary["registered"].values()})
-    result = {"promotions": promote_models(names, metric)}
+    # only a version this run registered: a challenger the production loop left is the loop's to decide
+    result = {"promotions": promote_models(sorted(summary["new_versions"]), metric)}
     if production_settings(yaml.safe_load(Path(config).read_text()), config)["arrivals"] is not None:
         result["ticks"] = watch_arrivals(dataset_root, None, config, production_dir, experiment, metric)
     return result

@@ -238,7 +238,7 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
 
         export_onnx = bool((params.get("registry") or {}).get("export_onnx", False))
         logged = log_run_folder(out_dir, experiment, export_onnx=export_onnx)  # TrackingError: results stay on disk
-        summary.update(mlflow_run_id=logged.run_id, registered=logged.versions)
+        summary.update(mlflow_run_id=logged.run_id, registered=logged.versions, new_versions=logged.new_versions)
         logger.info("logged to MLflow: experiment %r, run %s; registered %s (new: %s)", experiment, logged.run_id,
                     ", ".join(logged.versions.values()) or "nothing", ", ".join(logged.new_versions) or "none")
     if failures:

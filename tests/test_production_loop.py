@@ -141,9 +141,12 @@ def test_arrivals_update_the_champion_exactly_and_an_unchanged_tick_does_nothing
             {"ticks/0000/monitor.json", "ticks/0000/monitor.png"}
         assert name in production_table()
 
-        # nothing changed: nothing computed, no version, no monitoring step
-        again = watch_arrivals(str(p["data"]), None, str(p["config"]), str(tmp_path / "production"), p["experiment"])
-        assert again[0]["action"] == "none" and versions(client, name) == ["1", "2"]
+        # nothing changed: nothing computed, no version, no monitoring step, the loop's decision stands
+        # (the retrain flow promotes only what it registered itself, not the loop's challenger)
+        again = run_retrain(p)
+        assert again["promotions"] == [] and again["ticks"][0]["action"] == "none"
+        assert versions(client, name) == ["1", "2"]
+        assert client.get_model_version(name, "2").tags == v2.tags
         assert len(client.get_metric_history(run.info.run_id, "n_images")) == 1
 
         # a few more: monitored, too few for an update (unless they drift)

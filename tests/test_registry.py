@@ -201,8 +201,8 @@ def test_png_round_trip_matches_the_file(registry, monkeypatch):
 
 @pytest.mark.slow
 def test_mlflow_ui_shows_the_runs_and_the_registered_model(mlflow_server, registry, tmp_path):
-    """Headless Chromium renders the MLflow UI's runs page and the model's registry page.
-    With GAUSSAD_DOCS_SCREENSHOTS=1 the pictures replace those in docs/img/."""
+    """Headless Chromium renders the MLflow UI's runs page and the model's registry page (the
+    pictures of docs/img/ come from a real demo run instead: make screenshots)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium: apt-get install chromium")
@@ -221,8 +221,6 @@ def test_mlflow_ui_shows_the_runs_and_the_registered_model(mlflow_server, regist
         subprocess.run([chromium, *flags, f"--screenshot={png}", url], capture_output=True, timeout=120, check=True)
         pixels = np.asarray(Image.open(png).convert("L"), np.float32)
         assert pixels.shape == (1300, 1800) and pixels.std() > 10  # rendered, not a blank page
-        if os.environ.get("GAUSSAD_DOCS_SCREENSHOTS"):
-            shutil.copy(png, Path(__file__).parents[1] / "docs" / "img" / png.name)
 
 
 
