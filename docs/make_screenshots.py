@@ -93,7 +93,9 @@ def run_flows(work: Path, env: dict) -> Path:
     return config
 
 
-def take(page, url: str, path: Path, wait_for: str, prepare=None, whole: bool = False) -> None:
+def take(page, url: str, path: Path, wait_for: str, prepare=None, size: tuple[int, int] = (1500, 900)) -> None:
+    """A screenshot of `url` at `size` once `wait_for` shows, after `prepare(page)`."""
+    page.set_viewport_size({"width": size[0], "height": size[1]})
     page.goto(url)
     page.get_by_text(wait_for).first.wait_for(timeout=60000)
     training = page.get_by_text("Model training")  # MLflow's classic view, not its GenAI pages
@@ -106,7 +108,7 @@ def take(page, url: str, path: Path, wait_for: str, prepare=None, whole: bool = 
     if prepare:
         prepare(page)
     page.wait_for_timeout(2500)  # charts and tables settle
-    page.screenshot(path=str(path), full_page=whole)
+    page.screenshot(path=str(path))
     print(f"wrote {path}")
 
 
@@ -129,6 +131,24 @@ def newest(prefect: str, kind: str, query: dict, sort: str) -> list[dict]:
         return json.loads(response.read())
 
 
+def evaluation_pictures(work: Path, out: Path) -> None:
+    """What `evaluate` drew in the run: brushed's ROC (thresholds marked) and score histogram, and
+    one overlay per defect type of every demo category, side by side in one picture per category."""
+    from PIL import Image
+
+    evaluation = work / "pipeline" / CATEGORY / "evaluation"
+    for name in ("roc.png", "histogram.png"):
+        shutil.copy(evaluation / name, out / f"demo_{CATEGORY}_{name}")
+    for category in sorted(p.name for p in (work / "pipeline").iterdir() if (p / "evaluation").is_dir()):
+        overlays = sorted((work / "pipeline" / category / "evaluation" / "overlays").glob("*_000.png"))
+        pictures = [Image.open(path).convert("RGB") for path in overlays if not path.name.startswith("good")]
+        canvas = Image.new("RGB", (max(p.width for p in pictures), sum(p.height for p in pictures)), "white")
+        for index, picture in enumerate(pictures):
+            canvas.paste(picture, (0, sum(p.height for p in pictures[:index])))
+        canvas.save(out / f"demo_{category}_overlays.png", optimize=True)
+        print(f"wrote {out / f'demo_{category}_overlays.png'}")
+
+
 def screenshots(mlflow: str, prefect: str, out: Path, profile: Path) -> None:
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
@@ -139,8 +159,6 @@ def screenshots(mlflow: str, prefect: str, out: Path, profile: Path) -> None:
                         if "kind" not in run.data.tags)  # the pipeline's nested run, not an update's
     watched = f"tags.kind = 'monitoring' and tags.registered_model = 'gaussad-demo-{CATEGORY}'"
     monitoring = client.search_runs([experiment], watched)[0]
-    versions = client.search_model_versions(f"name = 'gaussad-demo-{CATEGORY}'")
-    promoted = max(int(v.version) for v in versions if v.tags.get("lineage.action"))
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("no chromium: apt-get install chromium")
@@ -157,18 +175,17 @@ def screenshots(mlflow: str, prefect: str, out: Path, profile: Path) -> None:
         take(page, f"{base}/runs", out / "mlflow_runs.png", "demo-pipeline", metric_columns)
         take(page, f"{base}/runs/{category_run.info.run_id}", out / "mlflow_category_run.png", "image_auroc")
         take(page, f"{base}/runs/{category_run.info.run_id}/artifacts", out / "mlflow_artifacts.png", "evaluation")
-        take(page, f"{mlflow}/#/models/gaussad-demo-{CATEGORY}", out / "mlflow_registry.png", "champion", whole=True)
-        take(page, f"{mlflow}/#/models/gaussad-demo-{CATEGORY}/versions/{promoted}", out / "mlflow_version.png",
-             "lineage.n_images", whole=True)
+        # tall: every version's tags, the loop's lineage and the gate's counts among them
+        take(page, f"{mlflow}/#/models/gaussad-demo-{CATEGORY}", out / "mlflow_registry.png", "champion",
+             size=(1500, 2300))
         take(page, f"{base}/runs/{monitoring.info.run_id}/model-metrics", out / "mlflow_monitoring.png", "alarm_rate")
         take(page, f"{prefect}/runs", out / "prefect_runs.png", "gaussad-retrain")
         cached_run = newest(prefect, "flow_runs", {"flows": {"name": {"any_": ["gaussad-train"]}}}, "START_TIME_DESC")
         take(page, f"{prefect}/runs/flow-run/{cached_run[0]['id']}", out / "prefect_train_run.png", "Cached")
         tables = newest(prefect, "artifacts", {"artifacts": {"key": {"any_": ["gaussad-production"]}}}, "CREATED_DESC")
         drifted = next(table for table in tables if "**yes**" in table["data"])  # the tick of the brighter images
-        page.set_viewport_size({"width": 2300, "height": 600})  # the table is wide
         take(page, f"{prefect}/artifacts/artifact/{drifted['id']}", out / "prefect_production_artifact.png",
-             "gaussad-demo-brushed")
+             "gaussad-demo-brushed", size=(2300, 600))  # the table is wide
         take(page, f"{prefect}/deployments", out / "prefect_deployments.png", "scheduled")
         browser.close()
 
@@ -203,6 +220,7 @@ def main() -> None:
                       "--production-out", str(work / "production")], env, work / "schedule.log")
         time.sleep(20)  # the deployment registers itself
         screenshots(mlflow, prefect, args.out, work / "chromium")
+    evaluation_pictures(work, args.out)
     print(f"the run behind the pictures is in {work}")
 
 

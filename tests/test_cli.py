@@ -232,8 +232,9 @@ def test_fit_takes_its_settings_from_a_params_file_and_flags_override_it(dataset
 def test_params_file_errors_name_the_file_and_the_key(dataset, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"model_type": "gaussian", "model": {"backbone": "resnet18", "level": [3]}}))
-    err = run_cli_error(["fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), "--config", str(params)], capsys)
-    assert f"{params}: model.level is not a setting of GaussianAD" in err
+    for option in ("--params", "--config"):  # the flows' spelling, and its old name
+        err = run_cli_error(["fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), option, str(params)], capsys)
+        assert f"{params}: model.level is not a setting of GaussianAD" in err
     params.write_text("model_type: [gaussian\n")
     assert f"{params} is not valid YAML" in run_cli_error(
         ["fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), "--config", str(params)], capsys)

@@ -30,6 +30,8 @@ def test_roc_curve_writes_png_in_new_folder(tmp_path):
     path = tmp_path / "new" / "roc.png"
     save_roc_curve(labels, rng.normal(size=100) + labels, path, "ROC")
     open_png(path)
+    save_roc_curve(labels, rng.normal(size=100) + labels, path, "ROC", {"image_f1_optimal": 0.5})  # marked
+    open_png(path)
 
 
 def test_roc_curve_needs_both_classes(tmp_path):

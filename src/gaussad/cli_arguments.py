@@ -33,11 +33,12 @@ CHECKPOINT_FLAG = "--checkpoint-dir"  # an option of fit(), for the detectors th
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
-    """--config, --model-type, --preset, --holdout, every detector's setting flags (from its settings
+    """--params (or --config), --model-type, --preset, --holdout, every detector's setting flags (from its settings
     table: shared ones once, the others in a group per model type) and the runtime flags."""
     parser.set_defaults(default_preset=default_preset)
-    parser.add_argument("--config", type=Path, help="a params.yaml: its model_type and that type's block "
-                                                    "(flags given here override it)")
+    parser.add_argument("--params", "--config", dest="config", type=Path, metavar="PARAMS_YAML",
+                        help="a params.yaml: its model_type and that type's block (flags given here override it); "
+                             "--config is the same option under its old name")
     parser.add_argument("--model-type", choices=DETECTORS,
                         help="gaussian (default: Gaussians of pretrained features) or piade (a reconstruction network)")
     presets = sorted({name for detector in DETECTORS.values() for name in detector.PRESETS})

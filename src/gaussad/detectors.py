@@ -2,7 +2,7 @@
 
     detector_class("piade")            -> PiadeAD
     load_model("outputs/bottle/model")  -> a GaussianAD or a PiadeAD, as its config.json says
-    model_spec(params)                  -> the detector a params.yaml describes (flows and `--config`)
+    model_spec(params)                  -> the detector a params.yaml describes (flows and `--params`)
 """
 
 from __future__ import annotations

@@ -123,11 +123,11 @@ def _scores_table(category: Category, scores: Scores, threshold: float) -> pd.Da
 def _plots(model: Detector, category: Category, scores: Scores, out_dir: Path, n_overlays: int) -> None:
     labels = np.asarray(category.test.labels)
     title = f"{category.name}: {model.config['backbone']}"
+    thresholds = {k: v for k, v in model.thresholds.items() if k.startswith("image_")}
     if 0 < labels.sum() < len(labels):
-        save_roc_curve(labels, scores.image, out_dir / "roc.png", title)
+        save_roc_curve(labels, scores.image, out_dir / "roc.png", title, thresholds)
         fpr, tpr, _ = roc_points(labels, scores.image)
         pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(out_dir / "roc.csv", index=False)
-    thresholds = {k: v for k, v in model.thresholds.items() if k.startswith("image_")}
     save_score_histogram(scores.image[labels == 0], scores.image[labels == 1], out_dir / "histogram.png", title,
                          thresholds)
     vmin, vmax = model.display_range()

@@ -27,13 +27,18 @@ def _save(figure: Figure, path) -> None:
     figure.savefig(path, format="png")
 
 
-def save_roc_curve(labels, scores, path, title: str) -> None:
-    """ROC curve of N scores against N binary labels (1 = anomalous), AUROC in the legend."""
+def save_roc_curve(labels, scores, path, title: str, thresholds: dict[str, float] | None = None) -> None:
+    """ROC curve of N scores against N binary labels (1 = anomalous), AUROC in the legend; each of
+    `thresholds` marked at its operating point (an image flagged when its score >= the threshold)."""
     fpr, tpr, _ = roc_points(labels, scores)
     figure = Figure(figsize=(5, 5), dpi=100, layout="constrained")
     axes = figure.add_subplot()
     axes.plot(fpr, tpr, lw=2, label=f"AUROC = {image_auroc(labels, scores):.4f}")
     axes.plot([0, 1], [0, 1], ls="--", color="grey", label="chance")
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    for (name, value), marker in zip((thresholds or {}).items(), "osD^v" * 4):
+        point = (np.mean(scores[labels == 0] >= value), np.mean(scores[labels == 1] >= value))
+        axes.plot(*point, marker=marker, ms=8, ls="none", label=f"{name}: FPR {point[0]:.2f}, TPR {point[1]:.2f}")
     axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate",
              ylabel="True positive rate", title=title, aspect="equal")
     axes.legend(loc="lower right")
