@@ -145,6 +145,7 @@ def evaluation_pictures(work: Path, out: Path) -> None:
         canvas = Image.new("RGB", (max(p.width for p in pictures), sum(p.height for p in pictures)), "white")
         for index, picture in enumerate(pictures):
             canvas.paste(picture, (0, sum(p.height for p in pictures[:index])))
+        canvas = canvas.resize((900, round(canvas.height * 900 / canvas.width)), Image.Resampling.LANCZOS)
         canvas.save(out / f"demo_{category}_overlays.png", optimize=True)
         print(f"wrote {out / f'demo_{category}_overlays.png'}")
 
