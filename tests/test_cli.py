@@ -274,3 +274,15 @@ def test_version(capsys):
         main(["--version"])
     assert stopped.value.code == 0 and capsys.readouterr().out.strip() == f"gaussad {__version__}"
     assert __version__ == importlib.metadata.version("gaussad")  # one source: pyproject reads it from the package
+
+
+def test_fit_needs_only_defect_free_images_and_evaluate_says_what_it_lacks(dataset, tmp_path, capsys):
+    """A line's first model: train/good and nothing else (no test split, no defect)."""
+    only_good = tmp_path / "line" / "weave"
+    shutil.copytree(dataset / "weave" / "train", only_good / "train")
+    model = tmp_path / "m"
+    assert main(["fit", str(only_good), "-o", str(model), "--preset", "lite0", "--levels", "3", "--image-size", "64",
+                 "--quiet"]) == 0
+    assert json.loads((model / "config.json").read_text())["n_train_images"] == 11  # 12, one held out
+    err = run_cli_error(["evaluate", str(model), str(only_good), "-o", str(tmp_path / "e")], capsys)
+    assert f"missing folder {only_good / 'test'}" in err

@@ -92,14 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _category(args: argparse.Namespace):
+def _category(args: argparse.Namespace, needs_test: bool = True):
     """Resolve DATA [-c CATEGORY] to a validated Category (DATA may be the category folder itself)."""
     data: Path = args.data
     if args.category is None and (data / "train").is_dir():
-        return load_category(data.parent, data.name)
+        return load_category(data.parent, data.name, needs_test=needs_test)
     if args.category is None:
         raise ValueError(f"{data} holds categories {', '.join(list_categories(data))}: choose one with -c")
-    return load_category(data, args.category)
+    return load_category(data, args.category, needs_test=needs_test)
 
 
 def _demo_data(args: argparse.Namespace) -> None:
@@ -112,7 +112,7 @@ def _demo_data(args: argparse.Namespace) -> None:
 def _fit(args: argparse.Namespace) -> None:
     check_model_destination(args.model)  # a user's folder or file is never replaced
     model, fit_options = model_from_arguments(args)  # every setting checked; no network built yet
-    category = _category(args)  # validated before any compute
+    category = _category(args, needs_test=False)  # validated before any compute; defect-free images suffice
     model.fit(category.train, **fit_options)
     model.save(args.model)
     print(f"fitted {category.name} on {model.fit_info['n_train_images']} images -> {args.model} "

@@ -77,15 +77,17 @@ def list_categories(root: str | Path) -> list[str]:
     return names
 
 
-def load_category(root: str | Path, category: str, validate: bool = True) -> Category:
-    """Index one category; with `validate`, also open every image and mask before returning."""
+def load_category(root: str | Path, category: str, validate: bool = True, needs_test: bool = True) -> Category:
+    """Index one category; with `validate`, also open every image and mask before returning.
+    Without `needs_test`, a category with no test/ folder has an empty test split (fitting needs
+    only the defect-free training images)."""
     root = Path(root)
     available = list_categories(root)
     if category not in available:
         raise DatasetError(f"unknown category {category!r} in {root}; available: {', '.join(available)}")
     folder = root / category
     train = _train_split(folder)
-    test = _test_split(folder)
+    test = _test_split(folder) if needs_test or (folder / "test").exists() else ImageSet((), (), (), ())
     if validate:
         validate_images(train)
         validate_images(test)
