@@ -281,8 +281,18 @@ def test_fit_needs_only_defect_free_images_and_evaluate_says_what_it_lacks(datas
     only_good = tmp_path / "line" / "weave"
     shutil.copytree(dataset / "weave" / "train", only_good / "train")
     model = tmp_path / "m"
-    assert main(["fit", str(only_good), "-o", str(model), "--preset", "lite0", "--levels", "3", "--image-size", "64",
-                 "--quiet"]) == 0
+    assert main(["fit", str(only_good), "--out", str(model), "--preset", "lite0", "--levels", "3", "--image-size",
+                 "64", "--quiet"]) == 0
     assert json.loads((model / "config.json").read_text())["n_train_images"] == 11  # 12, one held out
     err = run_cli_error(["evaluate", str(model), str(only_good), "-o", str(tmp_path / "e")], capsys)
     assert f"missing folder {only_good / 'test'}" in err
+
+
+def test_every_command_that_writes_takes_out():
+    from gaussad.cli import _parser
+
+    parse = _parser().parse_args
+    assert parse(["fit", "data", "--out", "m"]).model == Path("m")
+    assert parse(["update", "m", "new", "--out", "m2"]).output == Path("m2")
+    assert parse(["export", "m", "--out", "m.onnx"]).output == Path("m.onnx")
+    assert parse(["evaluate", "m", "data", "--out", "e"]).out == Path("e")

@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit a model on a category's train/good images")
     add_dataset_arguments(fit)
-    fit.add_argument("-o", "--model", type=Path, required=True, help="model folder to write")
+    fit.add_argument("-o", "--out", "--model", dest="model", metavar="MODEL", type=Path, required=True,
+                     help="model folder to write")
     add_model_arguments(fit)
     fit.set_defaults(run=_fit)
 

@@ -28,7 +28,8 @@ def add_model_commands(commands) -> None:
                                                 "--updatable, exactly, without its old images")
     update.add_argument("model", type=Path, help="model folder written by `gaussad fit --updatable`")
     update.add_argument("images", type=Path, nargs="+")
-    update.add_argument("-o", "--output", type=Path, required=True, help="the updated model folder to write")
+    update.add_argument("-o", "--out", "--output", dest="output", metavar="MODEL", type=Path, required=True,
+                        help="the updated model folder to write")
     update.add_argument("--holdout", type=float, default=0.1,
                         help="fraction of the new images held out for the thresholds (default 0.1)")
     add_runtime_arguments(update)
@@ -58,7 +59,8 @@ def add_model_commands(commands) -> None:
                                                 "that `predict` runs; checked to score as the model does")
     export.add_argument("model", type=Path, help="model folder written by `gaussad fit`")
     export.add_argument("--format", choices=["onnx"], default="onnx")
-    export.add_argument("-o", "--output", type=Path, help="the file to write (default: MODEL.onnx beside the folder)")
+    export.add_argument("-o", "--out", "--output", dest="output", metavar="FILE", type=Path,
+                        help="the file to write (default: MODEL.onnx beside the folder)")
     export.set_defaults(run=_export)
 
 
