@@ -198,10 +198,13 @@ def main() -> None:
                         help="where the run's data, servers' stores and models go (what the pictures show)")
     parser.add_argument("--reuse", action="store_true", help="take the pictures of an earlier run in --work")
     args = parser.parse_args()
+    from gaussad.output_folders import check_output_folder, claim_output_folder
+
     work = args.work.resolve()
     if not args.reuse:
+        check_output_folder(work, "screenshots run")  # a folder of anything else is refused, never deleted
         shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(work, "screenshots run")
     with ExitStack() as stack:
         mlflow, prefect_port = f"http://127.0.0.1:{free_port()}", free_port()
         prefect = f"http://127.0.0.1:{prefect_port}"
