@@ -24,7 +24,6 @@ promotion gate. One tick (`watch`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
@@ -40,7 +39,7 @@ from gaussad.base_detector import Detector
 from gaussad.data import IMAGE_SUFFIXES, ImageSet, load_category, validate_images
 from gaussad.detectors import detector_class
 from gaussad.files import file_sha256
-from gaussad.gaussian.updates import check_updatable
+from gaussad.gaussian.updates import check_updatable, digests_digest
 from gaussad.monitoring import ALPHA, monitor
 from gaussad.plots import save_monitor_plot
 from gaussad.registry import CHALLENGER, CHAMPION, promote, register_model
@@ -123,9 +122,10 @@ def watch(name: str, arrivals: Path, settings: dict, out: Path, experiment: str,
     monitored = set(_json_artifact(client, run.info.run_id, MONITORED) or [])
     new = [(path, digest) for path, digest in images if digest not in monitored]
     gate = [path for path, digest in images if in_gate(digest, settings["gate_fraction"])]
-    held = {digest for _, digest in (_lineage(client, champion) or {}).get("images", [])}
-    pending = [(path, digest) for path, digest in images
-               if not in_gate(digest, settings["gate_fraction"]) and digest not in held]
+    update_share = [(path, digest) for path, digest in images if not in_gate(digest, settings["gate_fraction"])]
+    lineage = (_lineage(client, champion) or {}).get("images", [])  # [path, SHA-256] the champion holds
+    held = {digest for _, digest in lineage}
+    pending = [(path, digest) for path, digest in update_share if digest not in held]
     tick = Tick(name, champion.version, "none", "no new images", len(images), len(new), len(pending),
                 len(gate), monitoring_run=run.info.run_id)
     if not new:
@@ -151,7 +151,7 @@ def watch(name: str, arrivals: Path, settings: dict, out: Path, experiment: str,
         tick.reason = ("drift, but no update-share image to add" if trigger else
                        f"no drift, {len(pending)} of {settings['update_after']} images for an update")
     else:
-        tick.action, tick.reason = _new_challenger(client, model, champion, images, pending, settings, holdout,
+        tick.action, tick.reason = _new_challenger(client, model, champion, lineage, update_share, pending, holdout,
                                                    batch_size, experiment, uri, export_onnx, tick)
         tick.reason = f"{trigger}: {tick.reason}"
         decision = promote(name, metric, uri=uri, normal_images=gate or None)
@@ -160,19 +160,17 @@ def watch(name: str, arrivals: Path, settings: dict, out: Path, experiment: str,
     return tick
 
 
-def _new_challenger(client: MlflowClient, model: Detector, champion, images: list[tuple[Path, str]],
-                    pending: list[tuple[Path, str]], settings: dict, holdout: float, batch_size: int,
-                    experiment: str, uri: str, export_onnx: bool, tick: Tick) -> tuple[str, str]:
-    """The champion updated with `pending` (or fitted again) and registered as challenger; returns
-    (action, what was done)."""
+def _new_challenger(client: MlflowClient, model: Detector, champion, earlier: list[list[str]],
+                    update_share: list[tuple[Path, str]], pending: list[tuple[Path, str]], holdout: float,
+                    batch_size: int, experiment: str, uri: str, export_onnx: bool, tick: Tick) -> tuple[str, str]:
+    """The champion (holding the arrivals `earlier`) updated with `pending`, or fitted again on its
+    training images and `update_share`, and registered as challenger; returns (action, what was done)."""
     tags = champion.tags
-    earlier = (_lineage(client, champion) or {}).get("images", [])
     if can_update(model):
         model.update([path for path, _ in pending], holdout)
         action, held = "updated", [*earlier, *([str(p), d] for p, d in pending)]
         done = f"added {len(pending)} images to v{champion.version} exactly"
     else:
-        update_share = [(p, d) for p, d in images if not in_gate(d, settings["gate_fraction"])]
         category = load_category(tags["dataset_root"], tags["category"], validate=False)
         detector = detector_class(model.MODEL_TYPE)
         model = detector.from_settings({k: model.config[k] for k in detector.SETTINGS.names}, False,
@@ -182,7 +180,7 @@ def _new_challenger(client: MlflowClient, model: Detector, champion, images: lis
         done = (f"v{champion.version}'s settings cannot update: fitted again on {len(category.train)} training "
                 f"images and {len(update_share)} arrivals")
     lineage = {"parent_version": champion.version, "action": action, "n_images": len(held),
-               "images_sha256": images_digest_of(held), "images": held}
+               "images_sha256": digests_digest(sha for _, sha in held), "images": held}
     with tempfile.TemporaryDirectory(prefix="gaussad-challenger-") as scratch:
         model_dir = model.save(Path(scratch) / "model")
         with mlflow.start_run(experiment_id=ensure_experiment(experiment, uri), run_name=f"{tags['category']}-{action}",
@@ -210,14 +208,6 @@ def can_update(model: Detector) -> bool:
     except (ValueError, KeyError):  # a PIADE model has no `covariance`
         return False
     return True
-
-
-def images_digest_of(held: list[list[str]]) -> str:
-    """The digest of [path, SHA-256] pairs: gaussian.updates.images_digest of those files, unread."""
-    digest = hashlib.sha256()
-    for _, sha in held:
-        digest.update(bytes.fromhex(sha))
-    return digest.hexdigest()
 
 
 def _load_version(name: str, version: str, batch_size: int) -> Detector:

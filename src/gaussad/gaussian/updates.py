@@ -81,9 +81,14 @@ def held_out_images(store: FeatureStore, rows: list[int]) -> list[list[str]]:
 
 def images_digest(paths) -> str:
     """SHA-256 over the images' contents in order: which images a version was updated with."""
+    return digests_digest(file_sha256(path) for path in paths)
+
+
+def digests_digest(hex_digests) -> str:
+    """images_digest of the images whose SHA-256 digests (hex) these are, in order, without reading them."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(bytes.fromhex(file_sha256(path)))
+    for hex_digest in hex_digests:
+        digest.update(bytes.fromhex(hex_digest))
     return digest.hexdigest()
 
 
