@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_flow_overhead.py [--data DIR]
 
 Library: per category the params' detector fit + evaluate (what `gaussad demo` does). Flow:
-flows/train.py with an empty task cache, timed from the call to its return (the server start-up
+gaussad/flows/train.py with an empty task cache, timed from the call to its return (the server start-up
 reported apart), then again with the cache full. Same params (params.yaml), same process, one after the other.
 """
 
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from flows.train import train
 from gaussad.data import list_categories, load_category
 from gaussad.demo import write_demo_dataset
 from gaussad.detectors import model_spec
 from gaussad.evaluate import evaluate
+from gaussad.flows.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@
    (3 629 / 467 / 1 258: 5 354 PNGs), at --image-size px (MVTec AD's are mostly 1024). The scenes
    are the demo's three kinds (weave, brushed, hexnut) with a seed per category, written by a
    process per core. --scale shrinks every count (e.g. 0.02 for a quick check on a CPU).
-2. Runs `flows/train.py` on it (the params' model block: `lite0` by default) with a fresh task cache,
+2. Runs `gaussad/flows/train.py` on it (the params' model block: `lite0` by default) with a fresh task cache,
    in its own process, on the GPU when there is one.
 3. Prints and writes (STEM.md, STEM.json): the generation and flow wall seconds, and per category
    the flow's timings.json (train and test extraction = decode + forward, fit, score) and image AUROC.
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
     print(f"data: {args.data} ({n_images} images at {args.image_size} px; generated in {generation:.1f} s)", flush=True)
     shutil.rmtree(args.out, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="mvtec-sized-cache-") as cache:
-        command = [sys.executable, str(REPO / "flows" / "train.py"), "--params", str(args.params), "--data",
+        command = [sys.executable, "-m", "gaussad.flows.train", "--params", str(args.params), "--data",
                    str(args.data), "--out", str(args.out), "--cache-dir", cache]
         started = time.perf_counter()
         returncode = subprocess.run(command, cwd=REPO).returncode

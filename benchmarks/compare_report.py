@@ -88,5 +88,5 @@ def git_state() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
     return {"commit": git("rev-parse", "HEAD") or None,
-            "uncommitted_changes_in_src": bool(git("status", "--porcelain", "--", "src", "flows"))}
+            "uncommitted_changes_in_src": bool(git("status", "--porcelain", "--", "src"))}
 

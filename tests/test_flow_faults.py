@@ -1,4 +1,4 @@
-"""The task cache of flows/train.py under real faults, no mocks: a flow process killed with SIGKILL
+"""The task cache of gaussad/flows/train.py under real faults, no mocks: a flow process killed with SIGKILL
 midway, cache folders deleted by hand, two flow processes writing one cache at once. All flows use one
 Prefect test server per module; a flow that is not killed or raced runs in this process."""
 
@@ -19,8 +19,8 @@ import yaml
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
-import flows.cache as task_cache  # a module: pytest would collect its test_split_digest as a test
-import flows.train as pipeline
+import gaussad.flows.cache as task_cache  # a module: pytest would collect its test_split_digest as a test
+import gaussad.flows.train as pipeline
 from gaussad.data import load_category
 from gaussad.detectors import model_spec
 
@@ -51,10 +51,10 @@ def project(tmp_path, demo_root) -> dict:
 
 
 def start_flow(project, env, out: str, categories: list[str]) -> subprocess.Popen:
-    """flows/train.py in a new process (group): one that can be killed. Its output goes to <tmp>/<out>.log."""
+    """gaussad/flows/train.py in a new process (group): one that can be killed. Its output goes to <tmp>/<out>.log."""
     with open(project["tmp"] / f"{out}.log", "w") as log:
         return subprocess.Popen(
-            [sys.executable, str(ROOT / "flows" / "train.py"), "--params", str(project["config"]), "--data",
+            [sys.executable, "-m", "gaussad.flows.train", "--params", str(project["config"]), "--data",
              str(project["data"]), "--out", str(project["tmp"] / out), "--cache-dir", str(project["cache"]),
              "--categories", *categories],
             env=env, cwd=project["tmp"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,6 +1,6 @@
 """The layout: the repository's own imports point one way, down the data flow, and modules stay small.
 
-Every module of src/gaussad and flows/ has a place in LAYERS; a module may import (at the top or
+Every module of src/gaussad has a place in LAYERS; a module may import (at the top or
 inside a function) only modules above it in that list. A new module needs a place here, which is
 where a reviewer sees which way its arrows point.
 """
@@ -54,14 +54,14 @@ LAYERS = [
     "gaussad.registry",  # MLflow from here down
     "gaussad.tracking",
     "gaussad.production",  # the production loop's tick: monitor, update or refit, register, promote
-    "flows",
-    "flows.runtime",  # Prefect from here down
-    "flows.cache",
-    "flows.reporting",
-    "flows.train",
-    "flows.promote",
-    "flows.production",
-    "flows.retrain",
+    "gaussad.flows",
+    "gaussad.flows.runtime",  # Prefect from here down
+    "gaussad.flows.cache",
+    "gaussad.flows.reporting",
+    "gaussad.flows.train",
+    "gaussad.flows.promote",
+    "gaussad.flows.production",
+    "gaussad.flows.retrain",
     "gaussad.cli_arguments",  # the flags that describe a model and how it runs
     "gaussad.cli_models",  # update, predict, export
     "gaussad.cli_workflow",  # serve, log, promote
@@ -71,7 +71,7 @@ LAYERS = [
 
 def modules() -> dict[str, Path]:
     found = {}
-    for base, package in ((ROOT / "src", "gaussad"), (ROOT, "flows")):
+    for base, package in ((ROOT / "src", "gaussad"),):
         for path in sorted((base / package).rglob("*.py")):
             parts = path.relative_to(base).with_suffix("").parts
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 from packaging.requirements import Requirement
 
@@ -45,3 +48,18 @@ def test_workflow_tools_are_extras(tmp_path):
     everything = [r for r in requirements if r.marker and r.marker.evaluate({"extra": "all"})]
     assert [(r.name, r.extras) for r in everything] == [("gaussad", {"pipeline", "tracking"})]
     assert any(r.name == "pytest" and r.marker.evaluate({"extra": "test"}) for r in requirements if r.marker)
+
+
+def test_the_wheel_ships_one_top_level_package_with_its_type_hints(tmp_path):
+    """The flows ship inside gaussad (no top-level `flows` to clash with a user's), with py.typed."""
+    root, source = Path(__file__).resolve().parents[1], tmp_path / "source"  # a copy: the build writes build/
+    shutil.copytree(root / "src" / "gaussad", source / "src" / "gaussad", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, source / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                           str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (wheel,) = tmp_path.glob("gaussad-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"gaussad"}
+    assert {"gaussad/py.typed", "gaussad/flows/train.py", "gaussad/flows/retrain.py"} <= set(names)

@@ -1,4 +1,4 @@
-"""The production loop (gaussad.production, flows/production.py) run for real: the retrain flow on a
+"""The production loop (gaussad.production, gaussad/flows/production.py) run for real: the retrain flow on a
 Prefect test server, tracking and the registry on a real MLflow server over HTTP, new good images
 arriving in a folder between runs."""
 
@@ -22,9 +22,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 import mlflow  # noqa: E402
-from flows.production import watch_arrivals  # noqa: E402
-from flows.retrain import retrain  # noqa: E402
 from gaussad.demo import write_demo_dataset  # noqa: E402
+from gaussad.flows.production import watch_arrivals  # noqa: E402
+from gaussad.flows.retrain import retrain  # noqa: E402
 from gaussad.gaussian import GaussianAD  # noqa: E402
 from gaussad.production import production_settings  # noqa: E402
 

@@ -36,7 +36,7 @@ SMALL = {"backbone": "tf_efficientnet_lite0", "levels": (3, 4), "image_size": 64
 
 
 def pipeline_folder(out: Path, data_root: Path, model: GaussianAD) -> Path:
-    """A run folder as flows/train.py writes it, for one category: model, evaluation, run.json."""
+    """A run folder as gaussad/flows/train.py writes it, for one category: model, evaluation, run.json."""
     category = load_category(data_root, CATEGORY)
     model.fit(category.train)
     evaluate(model, category, out / CATEGORY / "evaluation", n_overlays=2)

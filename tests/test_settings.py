@@ -119,7 +119,7 @@ def test_the_flow_stops_in_seconds_on_a_bad_setting_before_any_extraction(demo_r
     params = bad_params(tmp_path, key, value)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     started = time.monotonic()
-    done = subprocess.run([sys.executable, str(REPO / "flows" / "train.py"), "--params", str(params), "--data",
+    done = subprocess.run([sys.executable, "-m", "gaussad.flows.train", "--params", str(params), "--data",
                            str(demo_root), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     seconds = time.monotonic() - started

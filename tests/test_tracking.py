@@ -18,9 +18,9 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from servers import free_port, tracking_to  # noqa: E402
 
 import mlflow  # noqa: E402
-from flows.train import train  # noqa: E402
 from gaussad.cli import main  # noqa: E402
 from gaussad.demo import write_demo_dataset  # noqa: E402
+from gaussad.flows.train import train  # noqa: E402
 from gaussad.piade import PiadeAD  # noqa: E402
 from gaussad.registry import fit_digest, promote  # noqa: E402
 from gaussad.tracking import TrackingError, log_run_folder  # noqa: E402

@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory) -> Path:
-    """A run folder as flows/train.py writes it (model, evaluation, run.json), made with the library:
+    """A run folder as gaussad/flows/train.py writes it (model, evaluation, run.json), made with the library:
     three categories, random-weight Gaussian models, 64 px."""
     tmp = tmp_path_factory.mktemp("tracking-faults")
     data = tmp / "faults"

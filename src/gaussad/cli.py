@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="dataset root; the demo data is written there if it is missing or empty "
                            "(default data/, the folder data.dvc tracks)")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    add_model_arguments(demo, default_preset="lite0")
+    add_model_arguments(demo)
     demo.set_defaults(run=_demo)
     return parser
 

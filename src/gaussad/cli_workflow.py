@@ -27,8 +27,8 @@ def add_workflow_commands(commands) -> None:
                           help="where the production loop (params.yaml `production`) writes each tick's monitoring")
     schedule.set_defaults(run=_schedule)
 
-    log = commands.add_parser("log", help="log a pipeline run folder (flows/train.py --out) to MLflow and "
-                                          "register its models")
+    log = commands.add_parser("log", help="log a pipeline run folder (python -m gaussad.flows.train --out) to "
+                                          "MLflow and register its models")
     log.add_argument("run_dir", type=Path)
     log.add_argument("--experiment", default="gaussad")
     log.add_argument("--no-register", dest="register", action="store_false", help="log runs only")
@@ -56,7 +56,7 @@ def _schedule(args: argparse.Namespace) -> None:
               "model over HTTP: mlflow models serve, see the README)", file=sys.stderr)
     _require("prefect", "pipeline", "schedule")  # Prefect and MLflow only for the commands that use them
     _require("mlflow", "tracking", "schedule")
-    from flows.retrain import serve
+    from gaussad.flows.retrain import serve
 
     serve(args.cron, str(args.data), str(args.params), str(args.out), str(args.cache_dir) if args.cache_dir else None,
           production_dir=str(args.production_out))

@@ -1,6 +1,6 @@
 """MLflow tracking of a pipeline run folder: one run for the whole, a nested run per category.
 
-A run folder is what flows/train.py writes (run.json, <category>/model, <category>/evaluation).
+A run folder is what gaussad/flows/train.py writes (run.json, <category>/model, <category>/evaluation).
 Logging reads only that folder, so a result computed while the tracking server was down is logged
 later with `gaussad log <run folder>`. Each category's model is also registered (gaussad.registry).
 Without MLFLOW_TRACKING_URI the store is local: SQLite in mlflow/mlflow.db and artifacts in

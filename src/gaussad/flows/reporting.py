@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-import flows.runtime  # noqa: F401  (before prefect: it sets Prefect's environment defaults)
+import gaussad.flows.runtime  # noqa: F401  (before prefect: it sets Prefect's environment defaults)
 
 # isort: split
 from prefect.artifacts import create_markdown_artifact

@@ -8,7 +8,7 @@ The deployment `gaussad-retrain/scheduled` runs at each cron tick and can also b
 (`prefect deployment run gaussad-retrain/scheduled`, or "Run" in the UI at http://127.0.0.1:4200).
 Each run is the train flow with tracking (MLFLOW_TRACKING_URI, else mlflow/), which registers
 each new model as `challenger`, then the promote flow on those registered models, then, with
-`production.arrivals` in the params, one tick of the production loop (flows/production.py). Runs,
+`production.arrivals` in the params, one tick of the production loop (gaussad/flows/production.py). Runs,
 task states (cached or computed) and the results artifacts are in the UI's Runs page.
 `serve` needs a real server: on Prefect's ephemeral one it refuses to schedule.
 """
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import yaml
 
-import flows.runtime  # noqa: F401  (first: it sets Prefect's environment defaults)
+import gaussad.flows.runtime  # noqa: F401  (first: it sets Prefect's environment defaults)
 
 # isort: split
 from prefect import flow
 
-from flows.production import watch_arrivals
-from flows.promote import promote_models
-from flows.train import train
+from gaussad.flows.production import watch_arrivals
+from gaussad.flows.promote import promote_models
+from gaussad.flows.train import train
 from gaussad.production import production_settings
 
 DEPLOYMENT = "scheduled"

@@ -1,6 +1,6 @@
 """Prefect flow: promote the `challenger` of registered models to `champion` where it is as good.
 
-The retrain flow (flows/retrain.py) runs it after training. By hand, without Prefect:
+The retrain flow (gaussad/flows/retrain.py) runs it after training. By hand, without Prefect:
 `gaussad promote gaussad-mvtec-bottle gaussad-mvtec-cable [--metric aupro] [--force]`.
 
 Each model's challenger and champion are scored on the same test split (see gaussad.registry);
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from flows.runtime import device_lock  # first: it sets Prefect's environment defaults
+from gaussad.flows.runtime import device_lock  # first: it sets Prefect's environment defaults
 
 # isort: split
 from prefect import flow, get_run_logger, task

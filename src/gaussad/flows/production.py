@@ -2,10 +2,10 @@
 monitored for drift, the champion updated or fitted again when they drift or are enough, the new
 model registered as challenger and promoted through a gate that needs no defective image.
 
-    python flows/production.py --params params.yaml [--data DIR] [--categories a b] [--out outputs/production]
+    python -m gaussad.flows.production --params params.yaml [--data DIR] [--categories a b] [--out outputs/production]
 
 The arrivals are params.yaml's `production.arrivals`/<category>/; tracking goes to MLFLOW_TRACKING_URI
-(else mlflow/). The retrain flow (flows/retrain.py, the scheduled deployment) runs this after the
+(else mlflow/). The retrain flow (gaussad/flows/retrain.py, the scheduled deployment) runs this after the
 train flow when `production.arrivals` is set. A tick with no new image computes nothing. Each run
 leaves a table artifact in the Prefect UI and, per category, monitor.json and monitor.png in
 <out>/<category>/ and in the model's monitoring run in MLflow.
@@ -20,17 +20,17 @@ from pathlib import Path
 
 import yaml
 
-from flows.runtime import device_lock  # first: it sets Prefect's environment defaults
+from gaussad.flows.runtime import device_lock  # first: it sets Prefect's environment defaults
 
 # isort: split
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.reporting import dataset_name
 from gaussad.data import list_categories
 from gaussad.detectors import model_spec
 from gaussad.errors import GaussadError
+from gaussad.flows.reporting import dataset_name
 from gaussad.output_folders import claim_output_folder
 from gaussad.production import production_settings, watch
 from gaussad.registry import registered_name
@@ -100,7 +100,7 @@ def _table(ticks: list[dict], failures: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", help="dataset root (default: data.root in the params file)")
     parser.add_argument("--categories", nargs="+")

@@ -1,7 +1,7 @@
 """Prefect flow: per category, extract features -> fit the Gaussians -> evaluate, as cached tasks
 (or, with `model_type: piade` in the params, train PIADE -> evaluate).
 
-    python flows/train.py --params params.yaml --out outputs/pipeline [--data DIR] [--categories a b]
+    python -m gaussad.flows.train --params params.yaml --out outputs/pipeline [--data DIR] [--categories a b]
 
 Every task's result is persisted under the cache folder (default `.gaussad-cache/`, or
 $GAUSSAD_CACHE_DIR) and keyed by what determines it: the *content* of the images (and masks), the
@@ -11,10 +11,10 @@ recomputes fitting and evaluation, not extraction. A category that fails (e.g. a
 fails alone: the others finish, their results are kept, and a rerun after the fix resumes from the
 cache. The flow run fails at the end if any category did.
 
-A task's result is the path of the folder it wrote in the cache (flows/cache.py). The folder appears
+A task's result is the path of the folder it wrote in the cache (gaussad/flows/cache.py). The folder appears
 whole or not at all, so a flow killed midway, or two flows sharing one cache, leave no half-written
 folder; and a cached result is used only while its folder is complete, so a folder deleted from the
-cache is computed again. What the flow writes to its output folder: flows/reporting.py.
+cache is computed again. What the flow writes to its output folder: gaussad/flows/reporting.py.
 """
 
 from __future__ import annotations
@@ -28,14 +28,20 @@ from pathlib import Path
 
 import yaml
 
-from flows.runtime import dask_runner, device_lock  # first: it sets Prefect's environment defaults
+from gaussad.flows.runtime import dask_runner, device_lock  # first: it sets Prefect's environment defaults
 
 # isort: split
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.futures import PrefectFuture
 
-from flows.cache import (
+from gaussad.base_detector import Detector
+from gaussad.data import Category, ImageSet, list_categories, load_category
+from gaussad.detectors import ModelSpec, detector_class, load_model, model_spec
+from gaussad.errors import DatasetError, GaussadError
+from gaussad.evaluate import evaluate
+from gaussad.features import FeatureStore
+from gaussad.flows.cache import (
     CACHE_FOLDERS,
     DEFAULT_CACHE,
     EVALUATION_FILES,
@@ -52,13 +58,7 @@ from flows.cache import (
     test_split_digest,
     training_folder,
 )
-from flows.reporting import collect, report, write_summary
-from gaussad.base_detector import Detector
-from gaussad.data import Category, ImageSet, list_categories, load_category
-from gaussad.detectors import ModelSpec, detector_class, load_model, model_spec
-from gaussad.errors import DatasetError, GaussadError
-from gaussad.evaluate import evaluate
-from gaussad.features import FeatureStore
+from gaussad.flows.reporting import collect, report, write_summary
 from gaussad.output_folders import claim_output_folder
 
 # What fitting measured (fit_info key -> timings.json key), as far as a model measures it
@@ -248,7 +248,7 @@ def train(dataset_root: str, categories: list[str] | None = None, config: str = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", help="dataset root (default: data.root in the params file)")
     parser.add_argument("--categories", nargs="+")

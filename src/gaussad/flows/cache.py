@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import flows.runtime  # noqa: F401  (before prefect: it sets Prefect's environment defaults)
+import gaussad.flows.runtime  # noqa: F401  (before prefect: it sets Prefect's environment defaults)
 
 # isort: split
 from prefect.cache_policies import CachePolicy

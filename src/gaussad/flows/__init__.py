@@ -1,0 +1,1 @@
+"""The Prefect flows: training and evaluation per category, the schedule, promotion, the production loop."""
