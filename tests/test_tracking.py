@@ -111,8 +111,11 @@ def test_piade_flow_run_logs_loss_curves_and_reconstructions(mlflow_server, flow
         assert [m.step for m in history] == [r["epoch"] for r in config["loss_history"]] == [1, 2, 3]
         assert [m.value for m in history] == pytest.approx([r[key] for r in config["loss_history"]])
     assert run.data.metrics["seconds_per_epoch"] == pytest.approx(config["seconds_per_epoch"])
-    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert model_files == {"model/config.json", "model/weights.safetensors"}
+    # registered, the model is stored once: in its version's logged model, not again in the run's artifacts
+    assert run.data.tags["registered_version"] == "gaussad-data-weave/2"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"evaluation"}
+    files = Path(mlflow.artifacts.download_artifacts("models:/gaussad-data-weave/2", tracking_uri=mlflow_server))
+    assert {p.name for p in (files / "artifacts" / "model").iterdir()} == {"config.json", "weights.safetensors"}
     reconstructions = client.list_artifacts(run.info.run_id, "evaluation/reconstructions")
     assert len(reconstructions) == 8 and all(a.path.endswith(".png") for a in reconstructions)
 
@@ -150,7 +153,16 @@ def test_flow_with_tracking_server_down_fails_clearly_and_keeps_the_models(mlflo
     assert "not reachable" in flow_runs["refused"] and f"gaussad log {out}" in flow_runs["refused"]
     for name in CATEGORIES:
         assert (out / name / "model" / "stats.safetensors").is_file()
-    assert log_run_folder(out, experiment="logged-later", uri=mlflow_server)
+    logged = log_run_folder(out, experiment="logged-later", uri=mlflow_server)
+    # the same models as the first run's: no new version, and the runs store no second copy of them
+    assert logged.versions == {c: f"gaussad-data-{c}/1" for c in CATEGORIES} and logged.new_versions == []
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("logged-later").experiment_id])
+    categories = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert len(categories) == len(CATEGORIES)
+    for run in categories:
+        assert run.data.tags["registered_version"] == f"gaussad-data-{run.data.tags['category']}/1"
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"evaluation"}
 
 
 def test_pipeline_run_is_logged_with_nested_category_runs(mlflow_server, run_dir):

@@ -108,7 +108,10 @@ def _fail_interrupted_runs(client: MlflowClient, experiment_id: str, folder: str
 def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, register_from: str | None,
                   client: MlflowClient, export_onnx: bool = False) -> tuple[str, str, bool] | None:
     """The category's nested run; with `register_from` (the dataset root), also register its model
-    and return (registered name, version, whether new)."""
+    and return (registered name, version, whether new). A registered model is stored once, in its
+    version's logged model (a rerun that fitted the same model only names that version in the run's
+    `registered_version` tag), since a scheduled rerun would otherwise add a copy of every model
+    folder to the store each time; an unregistered one goes into the run's `model/` artifacts."""
     metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
     config = json.loads((folder / "model" / "config.json").read_text())
     with mlflow.start_run(experiment_id=experiment_id, run_name=folder.name, nested=True) as run:
@@ -122,12 +125,14 @@ def _log_category(folder: Path, dataset: str, shared: dict, experiment_id: str, 
         values["model_size_mb"] = folder_megabytes(folder / "model")
         mlflow.log_metrics(values)
         _log_loss_curves(client, run.info.run_id, config.get("loss_history", []))
-        mlflow.log_artifacts(str(folder / "model"), "model")
         mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
-        if register_from is not None:
-            return register_model(folder / "model", dataset, folder.name, register_from, metrics, client,
-                                  export_onnx)
-    return None
+        if register_from is None:
+            mlflow.log_artifacts(str(folder / "model"), "model")
+            return None
+        name, version, new = register_model(folder / "model", dataset, folder.name, register_from, metrics, client,
+                                            export_onnx)
+        mlflow.set_tag("registered_version", f"{name}/{version}")
+        return name, version, new
 
 
 def _log_loss_curves(client: MlflowClient, run_id: str, history: list[dict]) -> None:
