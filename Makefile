@@ -30,6 +30,7 @@ test-slow: $(STAMP)
 screenshots: $(STAMP)
 	$(BIN)/pip install --quiet "playwright>=1.40"
 	$(BIN)/python docs/make_screenshots.py
+	$(BIN)/python docs/make_demo_picture.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_gaussian.py
