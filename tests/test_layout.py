@@ -53,6 +53,7 @@ LAYERS = [
     "gaussad.pyfunc_model",  # the code stored with each registered version
     "gaussad.registry",  # MLflow from here down
     "gaussad.tracking",
+    "gaussad.retention",  # deleting old registered versions
     "gaussad.production",  # the production loop's tick: monitor, update or refit, register, promote
     "gaussad.flows",
     "gaussad.flows.runtime",  # Prefect from here down

@@ -49,6 +49,13 @@ def add_workflow_commands(commands) -> None:
     promote.add_argument("--force", action="store_true", help="promote whatever the comparison says")
     promote.set_defaults(run=_promote)
 
+    prune = commands.add_parser("prune", help="delete a registered model's old versions and their stored models, "
+                                              "keeping the newest and the champion and challenger")
+    prune.add_argument("names", nargs="+", help="registered models, e.g. gaussad-mvtec-bottle")
+    prune.add_argument("--keep", type=int, default=3, help="newest versions kept beside the aliased ones (default 3)")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    prune.set_defaults(run=_prune)
+
 
 def _schedule(args: argparse.Namespace) -> None:
     if args.command == "serve":
@@ -103,3 +110,16 @@ def _require(module: str, extra: str, command: str) -> None:
             raise
         raise ValueError(f"`gaussad {command}` needs {module}, which is not installed: "
                          f"pip install 'gaussad[{extra}]' (or gaussad[all])") from None
+
+
+def _prune(args: argparse.Namespace) -> None:
+    _require("mlflow", "tracking", "prune")
+    from gaussad.retention import prune
+
+    for name in args.names:
+        pruned = prune(name, args.keep, dry_run=args.dry_run)
+        kept = ", ".join(f"{version} ({', '.join(why)})" for version, why in pruned.kept.items()) or "none"
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{name}: {verb} versions {', '.join(pruned.deleted) or 'none'}; kept {kept}")
+    if not args.dry_run:
+        print("the deleted versions' files are freed by `mlflow gc` on the tracking store")
