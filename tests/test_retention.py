@@ -9,14 +9,20 @@ from mlflow.tracking import MlflowClient
 from servers import tracking_to
 from test_registry import CATEGORY, SMALL, pipeline_folder
 
+import mlflow
 from gaussad.cli import main
 from gaussad.demo import write_demo_dataset
 from gaussad.gaussian import GaussianAD
 from gaussad.registry import CHAMPION
 from gaussad.retention import logged_model_id, prune
-from gaussad.tracking import log_run_folder
+from gaussad.tracking import ensure_experiment, log_run_folder
 
 NAME = f"gaussad-retain-{CATEGORY}"  # the dataset folder is named "retain"
+
+
+class Echo(mlflow.pyfunc.PythonModel):  # the smallest pyfunc model: what it scores does not matter here
+    def predict(self, context, model_input):
+        return model_input
 
 
 def test_prune_keeps_the_newest_and_the_aliased_versions_and_deletes_the_rest(mlflow_server, tmp_path, capsys):
@@ -48,3 +54,17 @@ def test_prune_keeps_the_newest_and_the_aliased_versions_and_deletes_the_rest(ml
             assert client.get_logged_model(model_id).model_id == model_id
     with pytest.raises(ValueError, match="no registered model 'gaussad-retain-nothing'"):
         prune("gaussad-retain-nothing", 1, uri=mlflow_server)
+
+
+def test_prune_on_a_local_sqlite_store(tmp_path):
+    """A local store gives versions as ints (a server gives strings): the same answer."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking_to(uri):
+        experiment = ensure_experiment("retain-local", uri)  # its artifacts beside the database
+        for _ in range(2):
+            with mlflow.start_run(experiment_id=experiment):
+                info = mlflow.pyfunc.log_model(name="pyfunc", python_model=Echo())
+            mlflow.register_model(info.model_uri, "gaussad-local-x")
+    pruned = prune("gaussad-local-x", 1, uri=uri)
+    assert (pruned.deleted, pruned.kept) == (["1"], {"2": ["newest"]})
+    assert [str(v.version) for v in MlflowClient(uri).search_model_versions("name = 'gaussad-local-x'")] == ["2"]

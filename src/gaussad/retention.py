@@ -32,18 +32,19 @@ def prune(name: str, keep: int, uri: str | None = None, dry_run: bool = False) -
         model = client.get_registered_model(name)
     except MlflowException:
         raise ValueError(f"no registered model {name!r} at {uri or tracking_uri()}") from None
+    # versions as strings: MLflow gives ints from a SQLite store, strings over HTTP
     versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version), reverse=True)
-    kept = {v.version: ["newest"] for v in versions[:keep]}
+    kept = {str(v.version): ["newest"] for v in versions[:keep]}
     for alias, version in sorted(model.aliases.items()):
-        kept.setdefault(str(version), []).append(alias)  # MLflow gives int versions from SQLite, str over HTTP
-    deleted = [v for v in reversed(versions) if v.version not in kept]
+        kept.setdefault(str(version), []).append(alias)
+    deleted = [v for v in reversed(versions) if str(v.version) not in kept]
     if not dry_run:
         for version in deleted:
-            client.delete_model_version(name, version.version)
+            client.delete_model_version(name, str(version.version))
             model_id = logged_model_id(version)
             if model_id:
                 client.delete_logged_model(model_id)
-    return Pruned(name, [v.version for v in deleted], dict(sorted(kept.items(), key=lambda item: int(item[0]))))
+    return Pruned(name, [str(v.version) for v in deleted], dict(sorted(kept.items(), key=lambda item: int(item[0]))))
 
 
 def logged_model_id(version) -> str | None:
