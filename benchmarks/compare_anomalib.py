@@ -1,7 +1,8 @@
 """gaussad against anomalib's PaDiM and PatchCore on one MVTec-layout category, same backbone and weights.
 
     .venv/bin/python benchmarks/compare_anomalib.py DATA -c CATEGORY [--presets lite0 ...] \
-        [--config-name NAME "GAUSSAD FLAGS" ...] [--anomalib padim patchcore] --output benchmarks/results/STEM
+        [--config-name NAME "GAUSSAD FLAGS" ...] [--anomalib padim patchcore mhpatchcore] \
+        --output benchmarks/results/STEM
 
 The harness, run in gaussad's virtualenv. Every tool runs in its own process, one after the other,
 so its wall time and peak memory are its own:
@@ -146,6 +147,10 @@ def run_anomalib_tool(model_name: str, args: argparse.Namespace, work: Path, env
         "padim": ["--layers", *args.padim_layers, "--n-features", str(args.padim_n_features)],
         "patchcore": ["--layers", *args.patchcore_layers, "--coreset-ratio", str(args.coreset_ratio),
                       "--num-neighbors", str(args.num_neighbors)],
+        "mhpatchcore": ["--layers", *args.patchcore_layers, "--memory-bank-size", str(args.memory_bank_size),
+                        "--local-coreset-size", str(args.local_coreset_size), "--pca-variance-ratio",
+                        str(args.pca_variance_ratio), "--covariance-shrinkage", str(args.covariance_shrinkage),
+                        "--num-neighbors", str(args.num_neighbors)],
     }[model_name]
     cmd = [str(args.anomalib_python), str(RUNNER), model_name, str(args.data), "-c", args.category,
            "--out", str(out), "--image-size", str(args.image_size), *model_flags,
@@ -280,7 +285,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config-name", nargs=2, action="append", metavar=("NAME", "FLAGS"),
                         help='another gaussad configuration: a name and its fit flags as one string, '
                              'e.g. --config-name lite0-perloc "--preset lite0 --spatial per-location"')
-    parser.add_argument("--anomalib", nargs="+", choices=["padim", "patchcore", "none"], default=["padim", "patchcore"])
+    parser.add_argument("--anomalib", nargs="+", choices=["padim", "patchcore", "mhpatchcore", "none"],
+                        default=["padim", "patchcore"])
     parser.add_argument("--anomalib-python", type=Path, default=DEFAULT_ANOMALIB_PYTHON)
     parser.add_argument("--image-size", type=int, default=224, help="anomalib's input size (gaussad's is its preset's)")
     parser.add_argument("--anomalib-normalization", choices=sorted(NORMALIZATIONS), default="tf",
@@ -290,7 +296,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--padim-n-features", type=int, default=176, help="176 = all channels of blocks.1/2/4")
     parser.add_argument("--patchcore-layers", nargs="+", default=DEFAULT_LAYERS["patchcore"])
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
-    parser.add_argument("--num-neighbors", type=int, default=9)
+    parser.add_argument("--num-neighbors", type=int, default=9, help="PatchCore's and MH-PatchCore's k")
+    # MH-PatchCore (its layers are --patchcore-layers); anomalib's defaults, whose bank is bounded
+    parser.add_argument("--memory-bank-size", type=int, default=1000)
+    parser.add_argument("--local-coreset-size", type=int, default=256)
+    parser.add_argument("--pca-variance-ratio", type=float, default=0.99)
+    parser.add_argument("--covariance-shrinkage", type=float, default=0.07)
     parser.add_argument("--anomalib-batch-size", type=int, default=32)
     parser.add_argument("--anomalib-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)

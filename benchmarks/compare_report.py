@@ -65,6 +65,10 @@ def _anomalib_what(r: dict) -> str:
     if r["config"] == "patchcore":
         return (f"layers {' '.join(s.get('layers', []))}, coreset {s.get('coreset_sampling_ratio')}, "
                 f"k {s.get('num_neighbors')}{extra}")
+    if r["config"] == "mhpatchcore":
+        return (f"layers {' '.join(s.get('layers', []))}, bank {s.get('memory_bank_size')}, local "
+                f"{s.get('local_coreset_size')}, PCA {s.get('pca_variance_ratio')}, shrinkage "
+                f"{s.get('covariance_shrinkage')}, k {s.get('num_neighbors')}{extra}")
     return ""
 
 

