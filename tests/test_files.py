@@ -48,5 +48,6 @@ def test_weight_source_parse():
     assert WeightSource.parse(LITE0_PACKAGE) == WeightSource("package")
     assert WeightSource.parse("file:/w/x.pth") == WeightSource("file", Path("/w/x.pth"))
     with pytest.raises(WeightsError, match=r"^unknown weight source 'hub': use timm, file:<path>, "
-                                           r"package:efficientnet-lite0 or none$"):
+                                           r"package:efficientnet-lite0, package:efficientnet-lite1, "
+                                           r"package:efficientnet-lite2 or none$"):
         WeightSource.parse("hub")

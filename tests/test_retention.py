@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from servers import tracking_to
 from test_registry import CATEGORY, SMALL, pipeline_folder
 
@@ -59,7 +60,9 @@ def test_prune_keeps_the_newest_and_the_aliased_versions_and_deletes_the_rest(ml
 def test_prune_on_a_local_sqlite_store(tmp_path):
     """A local store gives versions as ints (a server gives strings): the same answer."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with tracking_to(uri):
+    # MLflow's own switch, which restores the process's tracking URI as it was (an earlier test may
+    # have set one with mlflow.set_tracking_uri, which then wins over MLFLOW_TRACKING_URI)
+    with _use_tracking_uri(uri):
         experiment = ensure_experiment("retain-local", uri)  # its artifacts beside the database
         for _ in range(2):
             with mlflow.start_run(experiment_id=experiment):
